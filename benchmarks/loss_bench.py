@@ -1,0 +1,207 @@
+"""Vocab-parallel Lp-Reg loss vs megatron-core cross entropy vs a naive full-vocab gather, side by side.
+
+    python benchmarks/loss_bench.py [--tokens 4096] [--vocab 151936] [--tp 2] [--iters 3]
+
+Each variant runs forward+backward on the same float32 logits shard [T, V/TP] in a fresh group of
+TP gloo processes (one thread each), so its peak memory is its own:
+  (a) megatron-core ``vocab_parallel_cross_entropy`` (the floor: one log-prob, nothing else)
+  (b) ours: one pass giving log-prob + entropy + min-p proxy log-prob, then ``lp_reg_policy_loss``
+  (c) naive: all-gather the full vocabulary, log_softmax / entropy / min-p filter with -1e4 sentinels
+      and a re-normalised log_softmax, as the verl reference code does on unsharded logits
+Time is the median over ``--iters`` iterations after one warm-up; "extra peak" is the rise of the
+process's peak RSS (VmHWM, reset before the warm-up) above its RSS with the inputs allocated.
+The printed ratios are the issue's targets: b/a time <= 1.3, b extra <= 2 shards, c/b memory >= TP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _inputs(args, rank):
+    g = torch.Generator().manual_seed(1234 + rank)
+    per = args.vocab // args.tp
+    logits = torch.randn(args.tokens, per, generator=g) * 2.0
+    target = torch.randint(0, args.vocab, (args.tokens,), generator=torch.Generator().manual_seed(7))
+    return logits, target
+
+
+def _variant_a(z, target, ctx, args):
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    loss = vocab_parallel_cross_entropy(z, target).mean()
+    loss.backward()
+
+
+def _variant_b(z, target, ctx, args):
+    from megatron_lpreg.loss import LpRegConfig, lp_reg_policy_loss, vocab_parallel_token_stats
+
+    st = vocab_parallel_token_stats(z, target, group=ctx.tp_group, kappa=0.02)
+    B = 4
+    lp = st.logprobs.view(B, -1)
+    adv = torch.tensor([-1.0, 1.0, -0.5, 0.5])
+    mask = torch.ones_like(lp, dtype=torch.bool)
+    loss, _ = lp_reg_policy_loss(lp, lp.detach(), st.proxy_logprobs.view(B, -1), adv, mask,
+                                 LpRegConfig(), entropy=st.entropy.detach().view(B, -1))
+    loss.backward()
+
+
+class _GatherVocab(torch.autograd.Function):
+    """All-gather along the vocab; the backward keeps this rank's slice (every rank has the full loss)."""
+
+    @staticmethod
+    def forward(ctx, shard, group):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, shard.contiguous(), group=group)
+        ctx.rank, ctx.width = dist.get_rank(group), shard.shape[-1]
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g[:, ctx.rank * ctx.width : (ctx.rank + 1) * ctx.width].contiguous(), None
+
+
+def _variant_c(z, target, ctx, args):
+    from megatron_lpreg.loss import LpRegConfig, lp_reg_policy_loss
+
+    full = _GatherVocab.apply(z, ctx.tp_group)
+    logp_all = torch.log_softmax(full, dim=-1)
+    lp = logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        p = torch.softmax(full, dim=-1)
+        entropy = torch.logsumexp(full, dim=-1) - (p * full).sum(-1)
+        keep = p >= 0.02 * p.max(dim=-1, keepdim=True).values
+        del p
+        proxy_all = torch.log_softmax(full.detach().masked_fill(~keep, -1e4), dim=-1)
+        proxy = proxy_all.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        proxy = torch.where(keep.gather(-1, target.unsqueeze(-1)).squeeze(-1), proxy, float("-inf"))
+        del proxy_all, keep
+    B = 4
+    lp = lp.view(B, -1)
+    adv = torch.tensor([-1.0, 1.0, -0.5, 0.5])
+    mask = torch.ones_like(lp, dtype=torch.bool)
+    loss, _ = lp_reg_policy_loss(lp, lp.detach(), proxy.view(B, -1), adv, mask, LpRegConfig(),
+                                 entropy=entropy.view(B, -1))
+    loss.backward()
+
+
+VARIANTS = {"a": _variant_a, "b": _variant_b, "c": _variant_c}
+
+
+def _worker(rank, args, variant, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.tp),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from megatron_lpreg.parallel import destroy_distributed, init_distributed
+
+    ctx = init_distributed(tp_size=args.tp, backend="gloo")
+    logits, target = _inputs(args, rank)
+    fn = VARIANTS[variant]
+    dist.barrier()
+    # The input is the model's output in training, not extra: a fresh copy per call (megatron's
+    # cross entropy overwrites its input in place) made before the baseline is read.
+    z = logits.clone().requires_grad_(True)
+    base = _rss_kib("VmRSS")
+    _reset_peak()
+    fn(z, target, ctx, args)  # warm-up, also the memory measurement
+    peak = _rss_kib("VmHWM")
+    times = []
+    for _ in range(args.iters):
+        z = logits.clone().requires_grad_(True)
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn(z, target, ctx, args)
+        times.append(time.perf_counter() - t0)
+    shard_bytes = logits.numel() * logits.element_size()
+    out.put((rank, statistics.median(times), (peak - base) * 1024, shard_bytes))
+    destroy_distributed()
+
+
+def run_variant(args, variant):
+    from megatron_lpreg.parallel import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, args, variant, port, out)) for r in range(args.tp)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=args.timeout) for _ in procs]
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"variant {variant}: a rank exited with {p.exitcode}")
+    # Slowest rank's time, largest rank's memory: what the step would see.
+    return {
+        "time_s": max(r[1] for r in results),
+        "extra_peak_bytes": max(r[2] for r in results),
+        "shard_bytes": results[0][3],
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=1200.0)
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args(argv)
+    if args.vocab % args.tp:
+        ap.error(f"--vocab {args.vocab} must be divisible by --tp {args.tp}")
+
+    res = {v: run_variant(args, v) for v in ("a", "b", "c")}
+    shard = res["a"]["shard_bytes"]
+    gib = 1024**3
+    print(f"T={args.tokens} V={args.vocab} TP={args.tp} float32, one logits shard = {shard / gib:.2f} GiB")
+    names = {"a": "megatron vocab_parallel_cross_entropy", "b": "ours: logprob+entropy+proxy + Lp-Reg",
+             "c": "naive full-vocab gather + filter"}
+    for v, r in res.items():
+        print(f"  ({v}) {names[v]:<40s} fwd+bwd {r['time_s']:7.3f} s   extra peak "
+              f"{r['extra_peak_bytes'] / gib:6.2f} GiB = {r['extra_peak_bytes'] / shard:5.2f} shards")
+    ratios = {
+        "time_b_over_a": res["b"]["time_s"] / res["a"]["time_s"],
+        "time_c_over_b": res["c"]["time_s"] / res["b"]["time_s"],
+        "b_extra_peak_shards": res["b"]["extra_peak_bytes"] / shard,
+        "mem_c_over_b": res["c"]["extra_peak_bytes"] / max(res["b"]["extra_peak_bytes"], 1),
+    }
+    print(f"ratio time b/a = {ratios['time_b_over_a']:.2f} (target <= 1.3)")
+    print(f"ratio time c/b = {ratios['time_c_over_b']:.2f}")
+    print(f"b extra peak = {ratios['b_extra_peak_shards']:.2f} shards (target <= 2)")
+    print(f"ratio memory c/b = {ratios['mem_c_over_b']:.2f} (target >= TP = {args.tp})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": res, "ratios": ratios}, f, indent=2)
+    return ratios
+
+
+if __name__ == "__main__":
+    main()

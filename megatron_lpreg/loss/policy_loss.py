@@ -1,0 +1,172 @@
+"""The policy-gradient objective with Lp-Reg and the verl baselines (LP_REG.md sections 3-5).
+
+All per-token tensors are [B, S] (response tokens; advantages may be [B]); nothing here is sharded:
+the vocab-parallel work happened when the log-probs were computed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from megatron_lpreg.loss.config import LpRegConfig
+from megatron_lpreg.loss.selection import SelectionThresholds, _expand, select_tokens
+
+ExactKL = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def aggregate(token_losses, mask, mode="token_mean", global_tokens=None) -> torch.Tensor:
+    """Reduce per-token losses [B, S] over ``mask`` (LP_REG.md section 5).
+
+    token_mean: sum / tokens in this micro-batch. seq_mean_token_mean: mean over non-empty sequences
+    of each sequence's token mean. global_token_mean: sum / ``global_tokens`` (the token count of the
+    whole mini-batch over all DP ranks), so micro-batch losses add up to the exact global mean.
+    """
+    mask = mask.bool()
+    masked = torch.where(mask, token_losses, torch.zeros_like(token_losses))
+    if mode == "token_mean":
+        return masked.sum() / mask.sum().clamp(min=1)
+    if mode == "seq_mean_token_mean":
+        lengths = mask.sum(dim=-1)
+        per_seq = masked.sum(dim=-1) / lengths.clamp(min=1)
+        return per_seq.sum() / (lengths > 0).sum().clamp(min=1)
+    if mode == "global_token_mean":
+        if not global_tokens:
+            raise ValueError("loss_agg='global_token_mean' needs global_tokens (mini-batch token count)")
+        return masked.sum() / global_tokens
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    n = int(mask.sum())
+    return float(torch.where(mask, x, torch.zeros_like(x)).sum() / n) if n else 0.0
+
+
+def _log_ratio(logprobs, old_logprobs, mask, config):
+    if config.ratio_level == "token":
+        return logprobs - old_logprobs
+    # GSPO: s_i = exp(mean_t(l - l_old)) carried on each token as sg[s_i] * pi / sg[pi].
+    diff = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs)).detach()
+    seq = diff.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
+    return (logprobs - logprobs.detach() + seq.unsqueeze(-1)).clamp(max=10.0)
+
+
+def _top_fraction(scores, mask, fraction):
+    """Bool mask of the max(1, int(fraction * n)) largest ``scores`` among valid tokens (verl's rule)."""
+    idx = mask.reshape(-1).nonzero(as_tuple=True)[0]
+    out = torch.zeros_like(mask)
+    if idx.numel():
+        k = max(1, int(idx.numel() * fraction))
+        pick = scores.detach().reshape(-1)[idx].topk(k, largest=True).indices
+        out.view(-1)[idx[pick]] = True
+    return out
+
+
+def _regulariser(logprobs, proxy_logprobs, selected, config, exact_kl: ExactKL):
+    """D_t on S' (zero elsewhere), with no inf/NaN reachable through unselected tokens."""
+    if config.kl == "k3":
+        # Unselected tokens may have proxy = -inf; substitute l so no branch ever sees inf.
+        safe = torch.where(selected, proxy_logprobs, logprobs.detach())
+        d = safe - logprobs
+        value = (torch.exp(d) - d - 1.0).clamp(-config.kl_clamp, config.kl_clamp)
+        return torch.where(selected, value, torch.zeros_like(value))
+    if exact_kl is None:
+        raise ValueError(
+            f"LpRegConfig.kl={config.kl!r} needs exact_kl: a [B, S] tensor of per-token "
+            "KL values or a callable(selected_mask) -> values of the selected tokens"
+        )
+    if callable(exact_kl):
+        values = exact_kl(selected)
+        if values.shape != (int(selected.sum()),):
+            raise ValueError(
+                f"exact_kl callable returned shape {tuple(values.shape)}, expected ({int(selected.sum())},)"
+            )
+        return torch.zeros_like(logprobs).masked_scatter(selected, values.to(logprobs.dtype))
+    return torch.where(selected, exact_kl.to(logprobs.dtype), torch.zeros_like(logprobs))
+
+
+def lp_reg_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    proxy_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: LpRegConfig,
+    exact_kl: ExactKL = None,
+    *,
+    entropy: torch.Tensor | None = None,
+    thresholds: SelectionThresholds | None = None,
+    global_tokens: int | None = None,
+):
+    """LP_REG.md sections 2-4 for one micro-batch -> (loss, metrics).
+
+    logprobs: current log pi_theta(o_t), differentiable; old_logprobs: log pi_old (trainer-computed);
+    proxy_logprobs: log pi_proxy(o_t), -inf where filtered; advantages: [B, S] or [B]; mask: valid
+    response tokens. exact_kl: for kl='forward'/'reverse', per-token values [B, S] or a callable taking
+    the bool mask of S' and returning its values in row-major order (so only those rows are computed).
+    entropy: per-token entropy [B, S], needed for entropy_coef > 0 (differentiable) and
+    high_entropy_fraction < 1. thresholds: from ``selection_thresholds`` for the batch scopes.
+    The loss is aggregated by ``config.loss_agg`` (token mean by default).
+    """
+    mask = mask.bool()
+    adv = _expand(advantages, logprobs).to(logprobs.dtype)
+    if entropy is None and (config.entropy_coef > 0 or config.high_entropy_fraction < 1.0):
+        raise ValueError("entropy_coef > 0 or high_entropy_fraction < 1 needs the per-token entropy")
+    nonfinite = mask & ~(torch.isfinite(logprobs) & torch.isfinite(old_logprobs) & torch.isfinite(adv))
+
+    log_ratio = _log_ratio(logprobs, old_logprobs, mask, config)
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
+    token_loss = torch.maximum(pg_unclipped, pg_clipped)
+    metrics: dict[str, float] = {}
+
+    if config.kl_cov_ratio > 0:
+        with torch.no_grad():
+            lp_d = logprobs.detach()
+            cov = (adv - _masked_mean(adv, mask)) * (lp_d - _masked_mean(lp_d, mask))
+            kl_cov = _top_fraction(cov, mask, config.kl_cov_ratio)
+        penalised = pg_unclipped + config.kl_cov_coef * (logprobs - old_logprobs).abs()
+        token_loss = torch.where(kl_cov, penalised, token_loss)
+        metrics["kl_cov/selected"] = float(kl_cov.sum())
+
+    if config.enabled:
+        sel = select_tokens(logprobs, proxy_logprobs, adv, mask, config, thresholds)
+        reg = _regulariser(logprobs, proxy_logprobs, sel.selected, config, exact_kl)
+        token_loss = torch.where(sel.selected, pg_unclipped + config.beta * reg, token_loss)
+        n_sel, n_valid = int(sel.selected.sum()), int(mask.sum())
+        metrics.update({
+            "lpreg/candidates": float(sel.candidates),
+            "lpreg/lowest": float(sel.lowest_count),
+            "lpreg/selected": float(n_sel),
+            "lpreg/pass_share": n_sel / sel.lowest_count if sel.lowest_count else 0.0,
+            "lpreg/selected_share": n_sel / n_valid if n_valid else 0.0,
+            "lpreg/kl_mean": _masked_mean(reg.detach(), sel.selected),
+        })
+        if sel.delta_rho_logprob is not None:
+            metrics["lpreg/delta_rho"] = float(torch.tensor(sel.delta_rho_logprob).exp())
+
+    loss_mask = mask
+    if config.high_entropy_fraction < 1.0:
+        loss_mask = mask & _top_fraction(entropy, mask, config.high_entropy_fraction)
+        metrics["high_entropy/kept"] = float(loss_mask.sum())
+    if config.entropy_coef > 0:
+        token_loss = token_loss - config.entropy_coef * entropy
+
+    loss = aggregate(token_loss, loss_mask, config.loss_agg, global_tokens)
+
+    with torch.no_grad():
+        r = ratio.detach()
+        metrics.update({
+            "loss/tokens": float(mask.sum()),
+            "loss/nonfinite_tokens": float(nonfinite.sum()),
+            "pg/clipfrac": _masked_mean((pg_clipped > pg_unclipped).to(r.dtype), loss_mask),
+            "pg/ratio_mean": _masked_mean(r, mask),
+            "pg/ratio_max": float(r[mask].max()) if mask.any() else 0.0,
+            "pg/ratio_min": float(r[mask].min()) if mask.any() else 0.0,
+            "pg/approx_kl": _masked_mean((old_logprobs - logprobs).detach(), mask),
+        })
+        if entropy is not None:
+            metrics["entropy/mean"] = _masked_mean(entropy.detach(), mask)
+    return loss, metrics

@@ -1,0 +1,149 @@
+"""Which tokens Lp-Reg regularises (LP_REG.md section 2), and the percentile used to pick them.
+
+Per side (negative advantages always, positive ones for the "Pos & Neg" ablation):
+  pool  = valid tokens with A < 0 (A > 0), or all valid tokens for ``batch_all_tokens``
+  k     = int(fraction * |pool|) as the reference code computes it; k < min_selected -> nothing
+  S     = the k pool tokens with the lowest current log-prob (no grad), restricted to the side's sign
+  S'    = {t in S : l_t < log pi_proxy(o_t)}
+
+``microbatch`` scope picks exactly k per call with topk, as the reference code does. The batch
+scopes pick by a threshold computed once over the whole mini-batch (all micro-batches, all DP ranks):
+every token with l <= the k-th lowest value, so tokens tied with the k-th are all taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_lpreg.loss.config import LpRegConfig
+
+SIDES = ("neg", "pos")
+
+
+def _fraction(config: LpRegConfig, side: str) -> float:
+    return config.rho if side == "neg" else config.regularize_positive
+
+
+def _sign_mask(advantages: torch.Tensor, side: str) -> torch.Tensor:
+    return advantages < 0 if side == "neg" else advantages > 0
+
+
+def _pool(advantages, mask, config, side):
+    if config.percentile_scope == "batch_all_tokens":
+        return mask
+    return mask & _sign_mask(advantages, side)
+
+
+def num_selected(n_pool: int, fraction: float, min_selected: int) -> int:
+    """k for a pool of n tokens: int(fraction * n), 0 when below the min_selected quirk."""
+    k = int(n_pool * fraction)
+    return k if k >= min_selected else 0
+
+
+@dataclass
+class SelectionThresholds:
+    """k-th lowest log-prob per side over a whole mini-batch (batch scopes); None = select nothing."""
+
+    neg: float | None
+    pos: float | None
+    pool_sizes: dict
+
+
+def _gather_values(values: torch.Tensor, group) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return values
+    n = torch.tensor([values.numel()], dtype=torch.long, device=values.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, n, group=group)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.full((longest,), float("inf"), dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded, group=group)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+
+def selection_thresholds(logprobs, advantages, mask, config: LpRegConfig, group=None):
+    """Percentile thresholds over a mini-batch for the ``batch`` / ``batch_all_tokens`` scopes.
+
+    logprobs / advantages / mask: one [B, S] tensor each, or lists of them (one per micro-batch);
+    advantages may be [B]. group: the data-parallel group, so all DP ranks agree (None = local).
+    """
+    if isinstance(logprobs, torch.Tensor):
+        logprobs, advantages, mask = [logprobs], [advantages], [mask]
+    out, sizes = {}, {}
+    for side in SIDES:
+        frac = _fraction(config, side)
+        if frac == 0.0:
+            out[side], sizes[side] = None, 0
+            continue
+        vals = []
+        for lp, adv, m in zip(logprobs, advantages, mask):
+            adv = _expand(adv, lp)
+            vals.append(lp.detach()[_pool(adv, m.bool(), config, side)].reshape(-1))
+        pool = _gather_values(torch.cat(vals).to(torch.float64), group)
+        k = num_selected(pool.numel(), frac, config.min_selected)
+        sizes[side] = pool.numel()
+        out[side] = float(torch.kthvalue(pool, k).values) if k else None
+    return SelectionThresholds(out["neg"], out["pos"], sizes)
+
+
+def _expand(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return advantages.unsqueeze(-1).expand_as(like) if advantages.dim() == 1 else advantages
+
+
+@dataclass
+class Selection:
+    lowest: torch.Tensor  # bool [B, S]: S, both sides
+    selected: torch.Tensor  # bool [B, S]: S'
+    candidates: int  # |N|: valid tokens with A < 0
+    lowest_count: int
+    delta_rho_logprob: float | None  # the negative side's percentile threshold, as a log-prob
+
+
+def select_tokens(logprobs, proxy_logprobs, advantages, mask, config, thresholds=None) -> Selection:
+    """S and S' for one micro-batch. ``thresholds`` are required for the batch scopes."""
+    lp = logprobs.detach()
+    adv = _expand(advantages, lp)
+    mask = mask.bool()
+    lowest = torch.zeros_like(mask)
+    delta = None
+    for side in SIDES:
+        frac = _fraction(config, side)
+        if frac == 0.0:
+            continue
+        pool = _pool(adv, mask, config, side)
+        side_lowest = torch.zeros_like(mask)
+        if config.percentile_scope == "microbatch":
+            flat_idx = pool.reshape(-1).nonzero(as_tuple=True)[0]
+            k = num_selected(flat_idx.numel(), frac, config.min_selected)
+            if not k:
+                continue
+            vals, pick = lp.reshape(-1)[flat_idx].topk(k, largest=False)
+            side_lowest.view(-1)[flat_idx[pick]] = True
+            side_thr = float(vals.max())
+        else:
+            if thresholds is None:
+                raise ValueError(
+                    f"percentile_scope={config.percentile_scope!r} needs mini-batch thresholds: "
+                    "call selection_thresholds() over the mini-batch first"
+                )
+            side_thr = thresholds.neg if side == "neg" else thresholds.pos
+            if side_thr is None:
+                continue
+            side_lowest = pool & (lp <= side_thr)
+        # batch_all_tokens draws S from all tokens; only the side's own sign is regularised.
+        lowest |= side_lowest & _sign_mask(adv, side)
+        if side == "neg":
+            delta = side_thr
+    selected = lowest & (lp < proxy_logprobs)
+    return Selection(
+        lowest=lowest,
+        selected=selected,
+        candidates=int((mask & (adv < 0)).sum()),
+        lowest_count=int(lowest.sum()),
+        delta_rho_logprob=delta,
+    )

@@ -1,0 +1,142 @@
+"""Process groups: torch.distributed from torchrun's environment plus megatron-core's parallel_state.
+
+Backends: gloo on CPU (with the CPU shims megatron-core needs, see ``cpu_shims``), nccl on GPU.
+Every collective gets an explicit timeout so a dead or hung rank fails the others instead of
+blocking them forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class ParallelConfigError(ValueError):
+    """The requested parallel layout does not fit the launched world."""
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """What the rest of the code needs to know about its place in the world."""
+
+    rank: int
+    world_size: int
+    tp_size: int
+    dp_size: int
+    tp_rank: int
+    dp_rank: int
+    device: torch.device
+    backend: str
+    tp_group: object
+    dp_group: object
+
+
+def factor_world(world_size: int, tp_size: int) -> int:
+    """Data-parallel size for ``world_size`` ranks at tensor-parallel size ``tp_size``."""
+    if tp_size < 1:
+        raise ParallelConfigError(f"tensor parallel size must be >= 1, got tp={tp_size}")
+    if world_size % tp_size:
+        raise ParallelConfigError(
+            f"world size {world_size} is not divisible by tensor parallel size tp={tp_size}; "
+            f"launch a multiple of {tp_size} processes (e.g. torchrun --nproc-per-node {tp_size})"
+        )
+    return world_size // tp_size
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ParallelConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def init_distributed(
+    tp_size: int = 1,
+    backend: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    seed: int = 1234,
+) -> ParallelContext:
+    """Initialise torch.distributed and megatron-core model parallelism.
+
+    Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun sets them; without
+    them this is a world of one on a free local port. The data-parallel size is world / tp.
+    """
+    from megatron.core import parallel_state
+
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    dp_size = factor_world(world_size, tp_size)
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        from megatron_lpreg import cpu_shims
+
+        cpu_shims.apply()
+        device = torch.device("cpu")
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if world_size > 1:
+                raise ParallelConfigError("MASTER_PORT is not set; launch with torchrun")
+            os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp_size,
+        distributed_timeout_minutes=max(1, int(round(timeout_s / 60))),
+    )
+    if use_cuda:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        cpu_shims.model_parallel_cpu_manual_seed(seed)
+
+    return ParallelContext(
+        rank=rank,
+        world_size=world_size,
+        tp_size=tp_size,
+        dp_size=dp_size,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+        backend=backend,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(),
+    )
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
