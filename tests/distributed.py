@@ -11,6 +11,7 @@ here with the remote traceback; a rank still running at the deadline kills the w
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import traceback
 
@@ -41,7 +42,9 @@ def _worker(rank, world_size, port, tp_size, collective_timeout_s, body, args, o
         ctx = init_distributed(tp_size=tp_size, backend="gloo", timeout_s=collective_timeout_s)
         result = body(ctx, *args)
         destroy_distributed()
-        out.put((rank, True, result))
+        # Plain pickle copies tensor bytes; the queue's own pickler would share them by file
+        # descriptor, which breaks once this process exits.
+        out.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report everything, including KeyboardInterrupt
         out.put((rank, False, traceback.format_exc()))
 
@@ -98,7 +101,7 @@ def run_distributed(
                         )
                 continue
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 failures.append(f"--- rank {rank} ---\n{payload}")
                 # One failed rank usually leaves the others blocked in a collective: stop now.

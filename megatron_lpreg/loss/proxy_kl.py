@@ -37,6 +37,22 @@ def _recompute_proxy_set(y, my, sum_y, kappa, threshold):
     return sy, ey, S.kept_mask(ey, sum_y, kappa, threshold)
 
 
+def _row_chunks(logits, proxy_logits, shard, chunk_tokens, check: str | None = None):
+    """(rows, z, y) per chunk: real columns of both logits in the compute dtype."""
+    dtype = S.compute_dtype(logits)
+    for rows in S.chunk_slices(logits.shape[0], logits.shape[1], chunk_tokens):
+        z = S.local_columns(logits[rows], shard, dtype)
+        y = S.local_columns(proxy_logits[rows], shard, dtype)
+        if check:
+            S.check_finite(z, rows, shard, _FN.format(check))
+            S.check_finite(y, rows, shard, _FN.format(check), "proxy logits")
+        yield rows, z, y
+
+
+def _saved_proxy_set(ctx, y, rows, my, sum_y):
+    return _recompute_proxy_set(y, my[rows], None if sum_y is None else sum_y[rows], ctx.kappa, ctx.threshold)
+
+
 class _ForwardKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, proxy_logits, shard, kappa, threshold, chunk_tokens):
@@ -46,18 +62,13 @@ class _ForwardKL(torch.autograd.Function):
         out = torch.empty(T, dtype=dtype, device=logits.device)
         log_z, my_all, log_w_all = (torch.empty_like(out) for _ in range(3))
         sum_y_all = torch.empty_like(out) if threshold == "fixed" else None
-        for rows in S.chunk_slices(T, logits.shape[1], chunk_tokens):
-            z = S.local_columns(logits[rows], shard, dtype)
-            y = S.local_columns(proxy_logits[rows], shard, dtype)
-            S.check_finite(z, rows, shard, _FN.format("forward"))
-            S.check_finite(y, rows, shard, _FN.format("forward"), "proxy logits")
+        for rows, z, y in _row_chunks(logits, proxy_logits, shard, chunk_tokens, check="forward"):
             sy, ey, kept, my, sum_y = _proxy_set(y, shard, kappa, threshold)
             m = S.all_reduce_max(S.row_max(z), shard)
             sz = z - m.unsqueeze(1)
             w = torch.where(kept, ey, 0.0)
-            red = S.all_reduce_sum(
-                torch.stack([torch.exp(sz).sum(dim=1), w.sum(dim=1), S.dot_rows(w, sy), S.dot_rows(w, sz)]), shard
-            )
+            sums = [torch.exp(sz).sum(dim=1), w.sum(dim=1), S.dot_rows(w, sy), S.dot_rows(w, sz)]
+            red = S.all_reduce_sum(torch.stack(sums), shard)
             log_s, big_w = torch.log(red[0]), red[1]
             log_w = torch.log(big_w)
             out[rows] = (red[2] - red[3]) / big_w - log_w + log_s
@@ -72,14 +83,9 @@ class _ForwardKL(torch.autograd.Function):
     def backward(ctx, g):
         logits, proxy_logits, log_z, my, log_w, sum_y = ctx.saved_tensors
         shard = ctx.shard
-        dtype = S.compute_dtype(logits)
         grad = torch.zeros_like(logits)
-        for rows in S.chunk_slices(logits.shape[0], logits.shape[1], ctx.chunk_tokens):
-            z = S.local_columns(logits[rows], shard, dtype)
-            y = S.local_columns(proxy_logits[rows], shard, dtype)
-            sy, _, kept = _recompute_proxy_set(
-                y, my[rows], None if sum_y is None else sum_y[rows], ctx.kappa, ctx.threshold
-            )
+        for rows, z, y in _row_chunks(logits, proxy_logits, shard, ctx.chunk_tokens):
+            sy, _, kept = _saved_proxy_set(ctx, y, rows, my, sum_y)
             p = torch.exp(z - log_z[rows].unsqueeze(1))
             r = torch.where(kept, torch.exp(sy - log_w[rows].unsqueeze(1)), 0.0)
             grad[rows, : shard.valid] = p.sub_(r).mul_(g[rows].unsqueeze(1))
@@ -95,11 +101,7 @@ class _ReverseKL(torch.autograd.Function):
         out = torch.empty(T, dtype=dtype, device=logits.device)
         mk_all, log_q_all, my_all, log_w_all = (torch.empty_like(out) for _ in range(4))
         sum_y_all = torch.empty_like(out) if threshold == "fixed" else None
-        for rows in S.chunk_slices(T, logits.shape[1], chunk_tokens):
-            z = S.local_columns(logits[rows], shard, dtype)
-            y = S.local_columns(proxy_logits[rows], shard, dtype)
-            S.check_finite(z, rows, shard, _FN.format("reverse"))
-            S.check_finite(y, rows, shard, _FN.format("reverse"), "proxy logits")
+        for rows, z, y in _row_chunks(logits, proxy_logits, shard, chunk_tokens, check="reverse"):
             sy, ey, kept, my, sum_y = _proxy_set(y, shard, kappa, threshold)
             # Stabilise with the max over K: the policy may put almost no mass on K.
             mk = S.all_reduce_max(S.row_max(z.masked_fill(~kept, float("-inf"))), shard)
@@ -121,14 +123,9 @@ class _ReverseKL(torch.autograd.Function):
     def backward(ctx, g):
         logits, proxy_logits, kl, mk, log_q, my, log_w, sum_y = ctx.saved_tensors
         shard = ctx.shard
-        dtype = S.compute_dtype(logits)
         grad = torch.zeros_like(logits)
-        for rows in S.chunk_slices(logits.shape[0], logits.shape[1], ctx.chunk_tokens):
-            z = S.local_columns(logits[rows], shard, dtype)
-            y = S.local_columns(proxy_logits[rows], shard, dtype)
-            sy, _, kept = _recompute_proxy_set(
-                y, my[rows], None if sum_y is None else sum_y[rows], ctx.kappa, ctx.threshold
-            )
+        for rows, z, y in _row_chunks(logits, proxy_logits, shard, ctx.chunk_tokens):
+            sy, _, kept = _saved_proxy_set(ctx, y, rows, my, sum_y)
             log_q_v = z - (mk[rows] + log_q[rows]).unsqueeze(1)
             log_r_v = sy - log_w[rows].unsqueeze(1)
             q = torch.where(kept, torch.exp(log_q_v), 0.0)

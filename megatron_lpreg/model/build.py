@@ -1,0 +1,126 @@
+"""A megatron-core GPTModel for a ModelSpec, and its forward pass to vocab-sharded logits.
+
+The model takes its tensor-parallel size from megatron's ``parallel_state`` (set up by
+``megatron_lpreg.parallel.init_distributed``); it never sees a process group itself. Weights come
+from ``megatron_lpreg.weights`` (this module only builds the architecture).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_lpreg.model.hf_config import ModelSpec, check_tp, padded_vocab_size
+
+
+class ModelBuildError(RuntimeError):
+    """The requested build cannot be made in this environment (e.g. TE asked for but absent)."""
+
+
+def transformer_engine_available() -> bool:
+    """TE is used only on GPU and only if it imports; it is never required."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken TE install (ABI mismatch) must not break training
+        return False
+    return True
+
+
+def transformer_config(
+    spec: ModelSpec, tp_size: int, dtype: torch.dtype = torch.float32, use_te: bool = False
+):
+    """megatron-core's TransformerConfig for ``spec`` at TP ``tp_size``."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_kv_heads,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_norm_eps,
+        gated_linear_unit=True,  # SwiGLU: silu(gate) * up
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp_size,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        # The jit-fused bias/dropout/activation kernels only pay off on GPU; rope and softmax
+        # fusions need TE's kernels. gradient_accumulation_fusion writes into ``main_grad``
+        # buffers that only Megatron's DDP wrapper allocates, so it stays off here.
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=use_te,
+        apply_rope_fusion=use_te,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def build_gpt_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, use_te: bool | None = None):
+    """A megatron-core GPTModel for ``spec`` on this TP rank (TP size from ``parallel_state``).
+
+    The vocabulary is padded to ``padded_vocab_size(spec.vocab_size, tp)``; the output layer keeps
+    its vocab shard (``parallel_output=True``), see ``model_logits``. ``use_te=None`` picks the
+    Transformer Engine layer spec when TE imports and CUDA is available, else the local spec;
+    the two name some parameters differently (``weights.table``'s ``te`` flag).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    check_tp(spec, tp_size)
+    if use_te is None:
+        use_te = transformer_engine_available()
+    elif use_te and not transformer_engine_available():
+        raise ModelBuildError("use_te=True, but Transformer Engine does not import or CUDA is unavailable")
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+    else:
+        # normalization="RMSNorm" selects torch's RMSNorm (the default would be apex/LayerNorm).
+        layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    return GPTModel(
+        config=transformer_config(spec, tp_size, dtype, use_te),
+        transformer_layer_spec=layer_spec,
+        vocab_size=padded_vocab_size(spec.vocab_size, tp_size),
+        max_sequence_length=spec.max_position_embeddings,
+        parallel_output=True,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=spec.rope_theta,
+        rope_scaling=spec.rope_scaling_factor is not None,
+        rope_scaling_factor=spec.rope_scaling_factor or 8.0,
+    )
+
+
+def model_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Causal-LM logits of ``input_ids`` [B, S] -> [B, S, V_padded / TP], vocab-sharded.
+
+    TP rank r holds global vocab ids [r * V_local, (r + 1) * V_local); ids >= the real vocab size
+    are padding. Positions are 0..S-1 for every row (no packing, no left padding).
+    """
+    batch, seq = input_ids.shape
+    position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
+    if input_ids.device.type == "cuda":
+        attention_mask = None  # megatron (TE / its fused softmax) applies the causal mask itself
+    else:
+        # Megatron's unfused softmax builds its default causal mask on the CUDA device: on CPU it
+        # must be passed in explicitly.
+        from megatron_lpreg.cpu_shims import causal_attention_mask
+
+        attention_mask = causal_attention_mask(seq, device=input_ids.device)
+    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
