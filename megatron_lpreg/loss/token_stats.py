@@ -4,9 +4,12 @@ The trainer's no-grad "old log-prob" pass calls this once and gets the min-p pro
 reference implementation spends an extra forward on it). With grad enabled, the log-prob and the
 entropy are differentiable; the backward needs no collective because log Z is already global.
 
-Collectives per chunk of rows: one MAX (row max) and one SUM of a stacked [k, rows] tensor
-(partition sum, entropy numerator, kept mass, owned target logit); the fixed threshold needs one
-more SUM because its kept set depends on the partition sum. The full vocabulary is never gathered.
+Collectives per call, whatever the number of tokens: one MAX of the row maxima and one SUM of a
+stacked [k, T] tensor of per-row partial sums (partition sum, entropy numerator, kept mass, the
+owned target's logit); the fixed threshold needs one more SUM because its kept set depends on the
+partition sum. The work between them runs in cache-sized chunks of rows. Per-chunk collectives
+would cost ~160 gloo round trips for 4096 tokens of a Qwen vocabulary (measured 1.38x megatron's
+time at TP=2, against its 3 collectives). The full vocabulary is never gathered.
 """
 
 from __future__ import annotations
@@ -35,79 +38,69 @@ class _TokenStats(torch.autograd.Function):
                 inplace):
         ctx.set_materialize_grads(False)
         dtype = S.compute_dtype(logits)
-        T = logits.shape[0]
-        dev = logits.device
+        T, dev = logits.shape[0], logits.device
         if want_proxy:
             S.check_kappa(kappa)
         has_target = target is not None
-        owned_all, idx_all = S.target_index(target, shard) if has_target else (None, None)
-
+        minp_mass = want_proxy and threshold == "minp"
         # Consuming the logits (megatron's cross-entropy trick): the forward leaves exp(z - max) in
         # their storage and the backward scales it into the gradient, so there is one exp pass and
         # no second shard. Only when the storage already has the compute dtype.
         consume = inplace and logits.dtype == dtype
-        log_z = torch.empty(T, dtype=dtype, device=dev)
+        owned_all, idx_all = S.target_index(target, shard) if has_target else (None, None)
+
+        # Phase 1: row maxima of the whole shard, one MAX.
         row_m = torch.empty(T, dtype=dtype, device=dev)
-        lp = torch.empty(T, dtype=dtype, device=dev) if has_target else None
-        ent = torch.empty(T, dtype=dtype, device=dev) if want_entropy else None
-        proxy = torch.empty(T, dtype=dtype, device=dev) if want_proxy else None
-        mass = torch.empty(T, dtype=dtype, device=dev) if want_proxy else None
-        # Two chunk-sized buffers reused by every chunk: shifted logits and their exponentials.
+        for rows in S.chunk_slices(T, logits.shape[1], chunk_tokens):
+            z = S.local_columns(logits[rows], shard, dtype)
+            S.check_finite(z, rows, shard, "vocab_parallel_token_stats")
+            row_m[rows] = S.row_max(z)
+        S.all_reduce_max(row_m, shard)
+
+        # Phase 2: per-row partial sums in cache-sized chunks, one SUM.
+        names = ["sumexp"] + ["ent"] * want_entropy + ["kept"] * minp_mass + ["t_shift", "t_e"] * has_target
+        local = torch.zeros(len(names), T, dtype=dtype, device=dev)
+        at = {name: i for i, name in enumerate(names)}
         step = S.chunk_rows(logits.shape[1], chunk_tokens)
         ws_s = torch.empty(min(step, T), shard.valid, dtype=dtype, device=dev)
         ws_e = torch.empty_like(ws_s)
-
+        below_kappa = S.just_below(kappa, dtype) if want_proxy else 0.0
         for rows in S.chunk_slices(T, logits.shape[1], chunk_tokens):
             n = rows.stop - rows.start
             z = S.local_columns(logits[rows], shard, dtype)
-            S.check_finite(z, rows, shard, "vocab_parallel_token_stats")
-            m = S.all_reduce_max(S.row_max(z), shard)
-            shifted = torch.sub(z, m.unsqueeze(1), out=ws_s[:n])
+            shifted = torch.sub(z, row_m[rows].unsqueeze(1), out=ws_s[:n])
             e = torch.exp(shifted, out=z if consume else ws_e[:n])
-            row_m[rows] = m
-            sums = [e.sum(dim=1)]
+            out = local[:, rows]
+            out[0] = e.sum(dim=1)
             if want_entropy:
-                sums.append(S.dot_rows(e, shifted))
-            if want_proxy and threshold == "minp":
+                out[at["ent"]] = S.dot_rows(e, shifted)
+            if minp_mass:
                 # threshold(e, below(kappa)) keeps e >= kappa: kept_mask's rule in one fused pass.
-                sums.append(F.threshold(e, S.just_below(kappa, dtype), 0.0).sum(dim=1))
-            if has_target:
+                out[at["kept"]] = F.threshold(e, below_kappa, 0.0).sum(dim=1)
+            if has_target and shard.valid > 0:
                 # The target's shifted logit and its e, from the owning rank (others add zeros).
-                if shard.valid > 0:
-                    idx = idx_all[rows].unsqueeze(1)
-                    owned = owned_all[rows]
-                    zero = torch.zeros(n, dtype=dtype, device=dev)
-                    sums.append(torch.where(owned, shifted.gather(1, idx).squeeze(1), zero))
-                    sums.append(torch.where(owned, e.gather(1, idx).squeeze(1), zero))
-                else:
-                    sums += [torch.zeros(n, dtype=dtype, device=dev)] * 2
-            red = S.all_reduce_sum(torch.stack(sums), shard)
-            sumexp = red[0]
-            log_s = torch.log(sumexp)
-            log_z[rows] = m + log_s
-            i = 1
-            if want_entropy:
-                ent[rows] = log_s - red[i] / sumexp
-                i += 1
-            if want_proxy and threshold == "minp":
-                kept_sum = red[i]
-                i += 1
-            if has_target:
-                t_shift, t_e = red[i], red[i + 1]
-                lp[rows] = t_shift - log_s
-            if want_proxy:
-                if threshold == "fixed":
-                    k_mask = S.kept_mask(e, sumexp, kappa, "fixed")
-                    kept_sum = S.all_reduce_sum(torch.where(k_mask, e, 0.0).sum(dim=1), shard)
-                    t_kept = S.kept_mask(t_e.unsqueeze(1), sumexp, kappa, "fixed").squeeze(1)
-                else:
-                    t_kept = S.kept_mask(t_e.unsqueeze(1), None, kappa, "minp").squeeze(1)
-                m_kept = kept_sum / sumexp
-                mass[rows] = m_kept
-                proxy[rows] = torch.where(
-                    t_kept, lp[rows] - torch.log(m_kept), torch.full_like(m_kept, float("-inf"))
-                )
+                idx, owned = idx_all[rows].unsqueeze(1), owned_all[rows]
+                out[at["t_shift"]] = torch.where(owned, shifted.gather(1, idx).squeeze(1), 0.0)
+                out[at["t_e"]] = torch.where(owned, e.gather(1, idx).squeeze(1), 0.0)
         del ws_s, ws_e
+        red = S.all_reduce_sum(local, shard)
+
+        sumexp = red[0]
+        log_s = torch.log(sumexp)
+        log_z = row_m + log_s
+        ent = log_s - red[at["ent"]] / sumexp if want_entropy else None
+        lp = red[at["t_shift"]] - log_s if has_target else None
+        proxy = mass = None
+        if want_proxy:
+            t_e = red[at["t_e"]].unsqueeze(1)
+            if threshold == "fixed":
+                kept_sum = S.all_reduce_sum(_fixed_kept_sums(logits, shard, row_m, sumexp, kappa,
+                                                             chunk_tokens, consume), shard)
+            else:
+                kept_sum = red[at["kept"]]
+            t_kept = S.kept_mask(t_e, sumexp, kappa, threshold).squeeze(1)
+            mass = kept_sum / sumexp
+            proxy = torch.where(t_kept, lp - torch.log(mass), torch.full_like(mass, float("-inf")))
 
         ctx.shard = shard
         ctx.chunk_tokens = chunk_tokens
@@ -157,6 +150,17 @@ class _TokenStats(torch.autograd.Function):
             if not same_dtype:
                 grad[rows, : shard.valid] = gz
         return grad, None, None, None, None, None, None, None, None
+
+
+def _fixed_kept_sums(logits, shard, row_m, sumexp, kappa, chunk_tokens, consumed):
+    """Local kept mass for the fixed threshold, whose kept set needs the global partition sum."""
+    dtype = S.compute_dtype(logits)
+    out = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+    for rows in S.chunk_slices(logits.shape[0], logits.shape[1], chunk_tokens):
+        z = S.local_columns(logits[rows], shard, dtype)
+        e = z if consumed else torch.exp(z - row_m[rows].unsqueeze(1))
+        out[rows] = torch.where(S.kept_mask(e, sumexp[rows], kappa, "fixed"), e, 0.0).sum(dim=1)
+    return out
 
 
 def vocab_parallel_token_stats(
