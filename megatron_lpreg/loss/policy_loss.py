@@ -131,6 +131,9 @@ def lp_reg_policy_loss(
         token_loss = torch.where(kl_cov, penalised, token_loss)
         metrics["kl_cov/selected"] = float(kl_cov.sum())
 
+    # |N| and |S'| are always reported, so a plain-GRPO run's logs line up with an Lp-Reg run's.
+    metrics["lpreg/candidates"] = float((mask & (adv < 0)).sum())
+    metrics["lpreg/selected"] = 0.0
     if config.enabled:
         sel = select_tokens(logprobs, proxy_logprobs, adv, mask, config, thresholds)
         reg = _regulariser(logprobs, proxy_logprobs, sel.selected, config, exact_kl)

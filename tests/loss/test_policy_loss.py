@@ -80,8 +80,9 @@ def test_all_positive_advantages_are_plain_policy_gradient():
     adv = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     mask = torch.ones(3, 6, dtype=torch.bool)
     on, _ = lp_reg_policy_loss(lp, old, torch.zeros_like(lp), adv, mask, LpRegConfig(rho=1.0))
-    off, _ = lp_reg_policy_loss(lp, old, torch.zeros_like(lp), adv, mask, LpRegConfig(enabled=False))
+    off, m = lp_reg_policy_loss(lp, old, torch.zeros_like(lp), adv, mask, LpRegConfig(enabled=False))
     assert on.item() == off.item()
+    assert m["lpreg/selected"] == 0 and m["lpreg/candidates"] == 0
 
 
 def test_proxy_equal_to_policy_is_not_selected_and_positive_side_is_optional():
