@@ -49,6 +49,21 @@ def _worker(rank, world_size, port, tp_size, collective_timeout_s, body, args, o
         out.put((rank, False, traceback.format_exc()))
 
 
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        children = parent.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for proc in [parent, *children]:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def run_distributed(
     body,
     world_size: int = 2,
@@ -67,7 +82,9 @@ def run_distributed(
         ctx.Process(
             target=_worker,
             args=(r, world_size, port, tp_size, collective_timeout_s, body, args, out),
-            daemon=True,
+            # Not daemonic: dist_checkpointing's save starts a multiprocessing Manager, which a
+            # daemonic process may not do. The finally-block below kills stragglers and children.
+            daemon=False,
         )
         for r in range(world_size)
     ]
@@ -111,7 +128,7 @@ def run_distributed(
     finally:
         for p in procs:
             if p.is_alive():
-                p.kill()
+                _kill_tree(p.pid)
         for p in procs:
             p.join(timeout=10)
     return [results[r] for r in range(world_size)]

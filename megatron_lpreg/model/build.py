@@ -68,13 +68,21 @@ def transformer_config(
     )
 
 
-def build_gpt_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, use_te: bool | None = None):
+def build_gpt_model(
+    spec: ModelSpec,
+    dtype: torch.dtype = torch.float32,
+    use_te: bool | None = None,
+    vocab_padding_tp: int | None = None,
+):
     """A megatron-core GPTModel for ``spec`` on this TP rank (TP size from ``parallel_state``).
 
     The vocabulary is padded to ``padded_vocab_size(spec.vocab_size, tp)``; the output layer keeps
     its vocab shard (``parallel_output=True``), see ``model_logits``. ``use_te=None`` picks the
     Transformer Engine layer spec when TE imports and CUDA is available, else the local spec;
     the two name some parameters differently (``weights.table``'s ``te`` flag).
+    ``vocab_padding_tp`` pads the vocabulary as that TP size would (a one-process converter writes
+    the exact shapes of a TP=N run). Built inside ``torch.device("meta")`` the model allocates
+    nothing; converters materialise it a layer at a time with ``to_empty``.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -93,10 +101,10 @@ def build_gpt_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, use_te:
     else:
         # normalization="RMSNorm" selects torch's RMSNorm (the default would be apex/LayerNorm).
         layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
-    return GPTModel(
+    model = GPTModel(
         config=transformer_config(spec, tp_size, dtype, use_te),
         transformer_layer_spec=layer_spec,
-        vocab_size=padded_vocab_size(spec.vocab_size, tp_size),
+        vocab_size=padded_vocab_size(spec.vocab_size, vocab_padding_tp or tp_size),
         max_sequence_length=spec.max_position_embeddings,
         parallel_output=True,
         share_embeddings_and_output_weights=spec.tie_word_embeddings,
@@ -105,6 +113,9 @@ def build_gpt_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, use_te:
         rope_scaling=spec.rope_scaling_factor is not None,
         rope_scaling_factor=spec.rope_scaling_factor or 8.0,
     )
+    # The local spec's torch norms ignore params_dtype; cast them as megatron's Float16Module
+    # does, so a bf16 model is bf16 throughout (master weights live in the optimizer).
+    return model.to(dtype)
 
 
 def model_logits(model, input_ids: torch.Tensor) -> torch.Tensor:

@@ -205,11 +205,19 @@ def megatron_shard_shape(spec: ModelSpec, param: Param, tp_size: int) -> tuple[i
 
 
 def to_megatron_shard(
-    spec: ModelSpec, param: Param, hf_tensors: Mapping[str, torch.Tensor], tp_rank: int, tp_size: int
+    spec: ModelSpec,
+    param: Param,
+    hf_tensors: Mapping[str, torch.Tensor],
+    tp_rank: int,
+    tp_size: int,
+    padded_vocab: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TP rank ``tp_rank``'s shard of ``param`` from the full HF tensors it is made of.
 
     The result may share memory with the input for replicated parameters (and at tp=1).
+    ``padded_vocab`` overrides Megatron's padding for ``tp_size`` (a multiple of it). With ``out``
+    (e.g. the parameter itself) the shard is written there, casting to its dtype, and returned.
     """
     check_tp(spec, tp_size)
     if not 0 <= tp_rank < tp_size:
@@ -229,14 +237,35 @@ def to_megatron_shard(
         full.append(tensor)
     split = param.split
     if split is Split.REPLICATED:
-        return tp_rules.shard_replicated(full[0])
+        return _into(param, tp_rules.shard_replicated(full[0]), out)
     if split is Split.ROW:
-        return tp_rules.shard_row(full[0], tp_rank, tp_size)
+        return _into(param, tp_rules.shard_row(full[0], tp_rank, tp_size), out)
     if split is Split.VOCAB:
-        return tp_rules.shard_vocab(full[0], tp_rank, tp_size, padded_vocab_size(spec.vocab_size, tp_size))
+        padded = padded_vocab or padded_vocab_size(spec.vocab_size, tp_size)
+        if padded < spec.vocab_size or padded % tp_size:
+            raise WeightTableError(f"padded vocab {padded} does not fit vocab {spec.vocab_size} at tp={tp_size}")
+        if out is not None:
+            _check_out(param, out, (padded // tp_size,) + full[0].shape[1:])
+            return tp_rules.shard_vocab_into(out, full[0], tp_rank)
+        return tp_rules.shard_vocab(full[0], tp_rank, tp_size, padded)
     if split is Split.QKV:
-        return tp_rules.shard_qkv(*full, tp_rank, tp_size, spec.num_kv_heads)
-    return tp_rules.shard_gate_up(*full, tp_rank, tp_size)
+        shard = tp_rules.shard_qkv(*full, tp_rank, tp_size, spec.num_kv_heads)
+    else:
+        shard = tp_rules.shard_gate_up(*full, tp_rank, tp_size)
+    return _into(param, shard, out)
+
+
+def _check_out(param: Param, out: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(out.shape) != tuple(shape):
+        raise WeightTableError(f"Megatron {param.megatron!r}: destination has shape {tuple(out.shape)}, "
+                               f"the shard has {tuple(shape)}")
+
+
+def _into(param: Param, shard: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return shard
+    _check_out(param, out, tuple(shard.shape))
+    return out.copy_(shard)
 
 
 def to_hf(spec: ModelSpec, param: Param, shards: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:

@@ -56,8 +56,20 @@ def shard_vocab(full: torch.Tensor, rank: int, tp: int, padded_vocab: int) -> to
     return torch.cat([real, pad], dim=0)
 
 
+def shard_vocab_into(out: torch.Tensor, full: torch.Tensor, rank: int) -> torch.Tensor:
+    """shard_vocab written straight into ``out`` [padded_vocab / tp, hidden] (no padded copy:
+    for a 150k vocabulary that copy is the converters' largest allocation)."""
+    local = out.shape[0]
+    real = full[rank * local:(rank + 1) * local]
+    out[:real.shape[0]].copy_(real)
+    out[real.shape[0]:].zero_()
+    return out
+
+
 def merge_vocab(shards: list[torch.Tensor], vocab: int) -> torch.Tensor:
-    """Inverse of shard_vocab: concatenate and drop the padding rows."""
+    """Inverse of shard_vocab: concatenate and drop the padding rows (a view at tp=1)."""
+    if len(shards) == 1:
+        return shards[0][:vocab]
     return torch.cat(shards, dim=0)[:vocab]
 
 

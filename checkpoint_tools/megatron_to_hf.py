@@ -1,0 +1,96 @@
+"""Convert a megatron-lpreg distributed checkpoint back to a Hugging Face checkpoint.
+
+    python -m checkpoint_tools.megatron_to_hf --ckpt DIR --out DIR [--max-shard-size 5GB] [--force]
+
+Loads one group (layer) at a time at TP=1, whatever TP wrote the checkpoint, and writes sharded
+safetensors + index, config.json and the tokenizer files, which
+``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from checkpoint_tools.common import (
+    DTYPES, ConversionError, check_output, cpu_world, materialise, meta_model, progress, release, run_cli,
+)
+
+_HF_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", text.upper())
+    if not m:
+        raise ConversionError(f"--max-shard-size {text!r}: expected e.g. 5GB, 500MB or a byte count")
+    return int(float(m.group(1)) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[m.group(2)])
+
+
+def convert(ckpt_dir, out_dir, max_shard_bytes: int = 5 * 1024**3, force: bool = False,
+            show_progress: bool = True) -> dict:
+    from megatron_lpreg import checkpointing as ckpt
+    from megatron_lpreg.model import parse_hf_config
+    from megatron_lpreg.weights import find_param, model_params, to_hf
+    from megatron_lpreg.weights.hf_files import HFShardWriter
+
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    check_output(out_dir, force)
+    meta = ckpt.read_metadata(ckpt_dir)
+    hf_files = ckpt_dir / ckpt.HF_DIR
+    if not (hf_files / "config.json").exists():
+        raise ConversionError(f"{ckpt_dir}: no {ckpt.HF_DIR}/config.json (not written by hf_to_megatron?)")
+    spec = parse_hf_config(hf_files)
+    dtype = DTYPES[meta["dtype"]]
+    with cpu_world():
+        model = meta_model(spec, dtype)
+        groups = ckpt.model_groups(spec.num_layers)
+        with ckpt.staged_directory(out_dir, overwrite=force) as tmp, \
+                progress(len(groups), "megatron -> hf", show_progress) as bar:
+            plan = [(name, shape, dtype) for param in model_params(spec)
+                    for name, shape in zip(param.hf, param.hf_shapes)]
+            writer = HFShardWriter(tmp, plan, max_shard_bytes)
+            for group in groups:
+                modules = ckpt.group_modules(model, group)
+                materialise(modules)
+                ckpt.load_group(model, group, ckpt_dir)
+                for name, p in ckpt.group_parameters(model, group):
+                    for hf_name, tensor in to_hf(spec, find_param(spec, name), [p.detach()]):
+                        writer.add(hf_name, tensor)
+                release(modules)
+                bar.update(1)
+            total = writer.close()
+            ckpt.copy_hf_files(hf_files, tmp)
+            config = json.loads((tmp / "config.json").read_text())
+            config["torch_dtype"] = _HF_DTYPE[meta["dtype"]]
+            if "dtype" in config:  # transformers >= 4.56 writes "dtype" as well
+                config["dtype"] = _HF_DTYPE[meta["dtype"]]
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return {**meta, "bytes": total}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m checkpoint_tools.megatron_to_hf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint directory written by hf_to_megatron or training")
+    p.add_argument("--out", required=True, help="output HF directory (must not exist or be empty)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    meta = convert(args.ckpt, args.out, parse_size(args.max_shard_size), args.force,
+                   show_progress=not args.no_progress)
+    print(f"wrote {args.out}: {meta['architecture']}, {meta['num_layers']} layers, {meta['dtype']}, "
+          f"{meta['bytes'] / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

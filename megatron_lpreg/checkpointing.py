@@ -1,0 +1,298 @@
+"""Megatron distributed checkpoints of a GPTModel, written group by group and atomically.
+
+Layout of a checkpoint directory::
+
+    model/embedding/        one megatron-core dist_checkpointing (torch_dist) checkpoint per group:
+    model/layer_00000/      the embedding, each decoder layer, and the final norm + output layer
+    ...
+    model/final/
+    hf/                     config.json, generation config and tokenizer files of the HF source
+    lpreg_checkpoint.json   metadata; written last, so its presence means "complete"
+
+Why groups: megatron's whole-model sharded state dict stacks the decoder layers into [L, ...]
+tensors, so one save needs every layer in memory at once. A group per layer lets the converters
+stream (one layer resident), and any TP size can load it, because dist_checkpointing stores global
+tensors and reshards on load. Keys are megatron's, with the two local-spec norm names mapped to the
+Transformer Engine names, so checkpoints written under either layer spec load under the other.
+
+Atomicity: everything is written into a hidden ``.<name>.partial`` sibling that is renamed into
+place after the metadata is written; an interrupted save leaves no directory that looks complete.
+All functions are collective over the default process group when it has several ranks (each rank
+writes its own shards; rank 0 writes the metadata and renames).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+FORMAT_VERSION = 1
+MARKER = "lpreg_checkpoint.json"
+MODEL_DIR = "model"
+HF_DIR = "hf"
+
+# local layer spec name -> Transformer Engine spec name (the norm is fused into the next linear)
+_CANONICAL_SUFFIX = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or does not fit the model."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# groups
+
+
+def layer_group(i: int) -> str:
+    return f"layer_{i:05d}"
+
+
+def model_groups(num_layers: int) -> list[str]:
+    return ["embedding", *(layer_group(i) for i in range(num_layers)), "final"]
+
+
+def group_modules(model, group: str) -> list[torch.nn.Module]:
+    """The submodules of ``model`` whose parameters form ``group`` (to materialise or free them)."""
+    if group == "embedding":
+        return [model.embedding]
+    if group == "final":
+        mods = [model.decoder.final_layernorm]
+        if getattr(model.output_layer, "weight", None) is not None:  # None when tied
+            mods.append(model.output_layer)
+        return mods
+    if group.startswith("layer_"):
+        return [model.decoder.layers[int(group[len("layer_"):])]]
+    raise CheckpointError(f"unknown checkpoint group {group!r}")
+
+
+def _canonical_key(key: str) -> str:
+    for local, te in _CANONICAL_SUFFIX.items():
+        if key.endswith("." + local):
+            return key[: -len(local)] + te
+    return key
+
+
+def group_sharded_state_dict(model, group: str) -> dict:
+    """megatron-core's sharded state dict of one group's weights (no ``_extra_state`` objects:
+    they hold fp8 metadata of TE layers, which these checkpoints do not carry).
+
+    Dict keys are ``model.state_dict()`` names; the sharded tensors' own keys are the canonical
+    checkpoint keys.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if group.startswith("layer_"):
+        i = int(group[len("layer_"):])
+        sd = model.decoder.layers[i].sharded_state_dict(
+            prefix=f"decoder.layers.{i}.", sharded_offsets=(), metadata=None)
+    elif group == "embedding":
+        sd = model.embedding.sharded_state_dict(prefix="embedding.")
+    elif group == "final":
+        sd = {k: v for k, v in model.sharded_state_dict().items()
+              if not k.startswith(("embedding.", "decoder.layers."))}
+    else:
+        raise CheckpointError(f"unknown checkpoint group {group!r}")
+    out = {}
+    for name, item in sd.items():
+        if name.endswith("_extra_state"):
+            continue
+        if not isinstance(item, (ShardedTensor, ShardedTensorFactory)):
+            raise CheckpointError(f"unexpected {type(item).__name__} for {name!r} in group {group}")
+        item.key = _canonical_key(item.key)
+        out[name] = item
+    return out
+
+
+def group_parameters(model, group: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """(model-level name, parameter) of one group; looked up afresh because ``to_empty``
+    replaces parameter objects."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(names[id(p)], p) for m in group_modules(model, group) for p in m.parameters()]
+
+
+def save_group(model, group: str, checkpoint_dir: str | os.PathLike) -> None:
+    from megatron.core import dist_checkpointing
+
+    path = Path(checkpoint_dir) / MODEL_DIR / group
+    if _rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(group_sharded_state_dict(model, group), str(path))
+
+
+@torch.no_grad()
+def load_group(model, group: str, checkpoint_dir: str | os.PathLike) -> None:
+    from megatron.core import dist_checkpointing
+
+    path = Path(checkpoint_dir) / MODEL_DIR / group
+    if not (path / "metadata.json").exists():
+        raise CheckpointError(f"{path}: missing (not a complete checkpoint group)")
+    sharded = group_sharded_state_dict(model, group)
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path))
+    except Exception as e:  # noqa: BLE001 - re-raised with the group named; megatron's errors are long
+        raise CheckpointError(f"{path}: cannot load group {group!r} into this model: {e}") from e
+    params = group_parameters(model, group)
+    missing = [n for n, _ in params if n not in loaded]
+    if missing:
+        raise CheckpointError(f"{path}: group {group!r} lacks {missing}")
+    for name, param in params:
+        tensor = loaded[name]
+        if tensor.shape != param.shape:
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+        if tensor.data_ptr() != param.data_ptr():
+            param.copy_(tensor)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole checkpoints
+
+
+def read_metadata(checkpoint_dir: str | os.PathLike) -> dict:
+    path = Path(checkpoint_dir) / MARKER
+    if not path.exists():
+        raise CheckpointError(f"{checkpoint_dir}: not a complete checkpoint (no {MARKER})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
+    return meta
+
+
+def is_complete(checkpoint_dir: str | os.PathLike) -> bool:
+    return (Path(checkpoint_dir) / MARKER).exists()
+
+
+def _nonempty(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+@contextlib.contextmanager
+def staged_directory(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden partial directory; on success it replaces ``final`` (collective).
+
+    The caller writes the metadata marker last, inside the block. A non-empty ``final`` is an
+    error unless ``overwrite``; on an exception the partial directory stays hidden.
+    """
+    final = Path(final)
+    if _nonempty(final) and not overwrite:
+        raise CheckpointError(f"{final} exists and is not empty (pass overwrite/--force to replace it)")
+    partial = final.parent / f".{final.name}.partial"
+    if _rank() == 0:
+        if partial.exists():
+            shutil.rmtree(partial)  # the leftover of an interrupted save
+        partial.mkdir(parents=True)
+    _barrier()
+    yield partial
+    _barrier()
+    if _rank() == 0:
+        old = final.parent / f".{final.name}.old"
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(partial, final)
+        if old.exists():
+            shutil.rmtree(old)
+    _barrier()
+
+
+def write_metadata(checkpoint_dir: str | os.PathLike, metadata: dict) -> None:
+    """Write the completeness marker (rank 0); call it after every group is saved."""
+    _barrier()
+    if _rank() == 0:
+        path = Path(checkpoint_dir) / MARKER
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"format": FORMAT_VERSION, **metadata}, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+def copy_hf_files(source: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+    """Copy config, generation config and tokenizer files (everything but weights) of a HF
+    directory; returns the names copied."""
+    source, dest = Path(source), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for item in sorted(source.iterdir()):
+        if not item.is_file() or item.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf") \
+                or item.name.endswith(".index.json"):
+            continue
+        shutil.copy2(item, dest / item.name)
+        copied.append(item.name)
+    return copied
+
+
+def save_model(
+    model,
+    checkpoint_dir: str | os.PathLike,
+    metadata: dict,
+    *,
+    hf_source: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    on_group: Callable[[str], None] | None = None,
+) -> None:
+    """Save every group of ``model`` (collective), then ``metadata`` as the completeness marker."""
+    groups = model_groups(len(model.decoder.layers))
+    with staged_directory(checkpoint_dir, overwrite) as tmp:
+        if hf_source is not None and _rank() == 0:
+            copy_hf_files(hf_source, tmp / HF_DIR)
+        for group in groups:
+            save_group(model, group, tmp)
+            if on_group:
+                on_group(group)
+        write_metadata(tmp, {**metadata, "groups": groups})
+
+
+def load_model(model, checkpoint_dir: str | os.PathLike, on_group: Callable[[str], None] | None = None) -> dict:
+    """Load a complete checkpoint into ``model`` (any TP size; collective); returns its metadata."""
+    meta = read_metadata(checkpoint_dir)
+    groups = model_groups(len(model.decoder.layers))
+    if meta.get("groups") != groups:
+        raise CheckpointError(
+            f"{checkpoint_dir}: holds groups {meta.get('groups')}, this model has {len(groups) - 2} layers")
+    for group in groups:
+        load_group(model, group, checkpoint_dir)
+        if on_group:
+            on_group(group)
+    zero_vocab_padding(model, int(meta["vocab_size"]))
+    return meta
+
+
+@torch.no_grad()
+def zero_vocab_padding(model, vocab_size: int) -> None:
+    """Zero the embedding / output rows of padding ids (>= vocab_size) on this TP rank.
+
+    A checkpoint written at another TP size has another padded vocabulary; megatron loads the
+    overlap (``allow_shape_mismatch``) and leaves the rest as initialised. Zero rows keep padding
+    logits at exactly 0 (the loss masks them anyway).
+    """
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, param in model.named_parameters():
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            first_id = rank * param.shape[0]
+            start = min(max(vocab_size - first_id, 0), param.shape[0])
+            param[start:].zero_()
