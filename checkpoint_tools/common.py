@@ -14,17 +14,6 @@ class ConversionError(RuntimeError):
     """Bad input to a converter; the CLI prints it and exits with status 2."""
 
 
-def check_output(out, force: bool) -> None:
-    """Refuse a non-empty output before any work is done (the atomic rename checks again)."""
-    from pathlib import Path
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConversionError(f"{out} exists and is not empty (use --force to replace it)")
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 

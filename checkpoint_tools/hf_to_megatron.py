@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from checkpoint_tools.common import (
-    DTYPES, ConversionError, check_output, cpu_world, dtype_name, materialise, meta_model, progress, release,
+    DTYPES, ConversionError, cpu_world, dtype_name, materialise, meta_model, progress, release,
     run_cli,
 )
 
@@ -56,7 +56,7 @@ def convert(hf_dir, out_dir, tp: int, dtype: torch.dtype | None = None, force: b
     from megatron_lpreg.weights.hf_files import HFCheckpoint
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    check_output(out_dir, force)
+    ckpt.check_writable(out_dir, force)  # before any work, not after it
     spec = parse_hf_config(hf_dir)
     check_tp(spec, tp)
     reader = HFCheckpoint(hf_dir)

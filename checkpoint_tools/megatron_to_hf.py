@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from checkpoint_tools.common import (
-    DTYPES, ConversionError, check_output, cpu_world, materialise, meta_model, progress, release, run_cli,
+    DTYPES, ConversionError, cpu_world, materialise, meta_model, progress, release, run_cli,
 )
 
 _HF_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -39,7 +39,7 @@ def convert(ckpt_dir, out_dir, max_shard_bytes: int = 5 * 1024**3, force: bool =
     from megatron_lpreg.weights.hf_files import HFShardWriter
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    check_output(out_dir, force)
+    ckpt.check_writable(out_dir, force)  # before any work, not after it
     meta = ckpt.read_metadata(ckpt_dir)
     hf_files = ckpt_dir / ckpt.HF_DIR
     if not (hf_files / "config.json").exists():

@@ -185,8 +185,11 @@ def is_complete(checkpoint_dir: str | os.PathLike) -> bool:
     return (Path(checkpoint_dir) / MARKER).exists()
 
 
-def _nonempty(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+def check_writable(final: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to replace a non-empty ``final`` unless ``overwrite``."""
+    final = Path(final)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
+        raise CheckpointError(f"{final} exists and is not empty (pass overwrite/--force to replace it)")
 
 
 @contextlib.contextmanager
@@ -197,8 +200,7 @@ def staged_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     error unless ``overwrite``; on an exception the partial directory stays hidden.
     """
     final = Path(final)
-    if _nonempty(final) and not overwrite:
-        raise CheckpointError(f"{final} exists and is not empty (pass overwrite/--force to replace it)")
+    check_writable(final, overwrite)
     partial = final.parent / f".{final.name}.partial"
     if _rank() == 0:
         if partial.exists():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.model.tiny_models import FAMILIES, hf_state_dict, save_tiny_model, tiny_hf_model
+from tests.model.tiny_models import FAMILIES, hf_state_dict, saved_families_with_logits, tiny_hf_model
 
 BATCH, SEQ = 2, 9
 
@@ -56,16 +56,8 @@ def _body(ctx, hf_dirs: dict, source: str, target: str, input_ids):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("ckpt_models")
-    dirs = {f: str(save_tiny_model(f, root / f, seed=i)) for i, f in enumerate(FAMILIES)}
-    input_ids = torch.randint(0, 101, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    reference = {}
-    for family, directory in dirs.items():
-        with torch.no_grad():
-            reference[family] = AutoModelForCausalLM.from_pretrained(directory).eval()(input_ids).logits
-    return root, dirs, input_ids, reference
+    return (root, *saved_families_with_logits(root, BATCH, SEQ, seed=1))
 
 
 def test_tp2_checkpoint_loads_at_tp1_and_back(models):

@@ -95,7 +95,7 @@ class HFEngine:
         out = []
         for start in range(0, len(token_ids), self.max_batch_size):
             chunk = [list(t) for t in token_ids[start:start + self.max_batch_size]]
-            ids, mask = _right_pad(chunk, self.pad_token_id)
+            ids, mask = _pad(chunk, self.pad_token_id, left=False)
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             out.extend(logp[i, :len(t) - 1].clone() for i, t in enumerate(chunk))
@@ -115,7 +115,7 @@ class HFEngine:
         return [completions[i * sampling.n:(i + 1) * sampling.n] for i in range(len(prompt_token_ids))]
 
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
-        ids, mask = _left_pad(prompts, self.pad_token_id)
+        ids, mask = _pad(prompts, self.pad_token_id, left=True)
         greedy = sampling.temperature == 0
         stop = list(sampling.stop_token_ids)
         kwargs = dict(do_sample=False) if greedy else dict(
@@ -150,21 +150,13 @@ def _pad_id(config, pad_token_id: int | None) -> int:
     return 0
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(rows: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, max_len] and attention mask; generation pads on the left, scoring on the right."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
-def _right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
+        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
     return ids, mask

@@ -85,29 +85,6 @@ class HFCheckpoint(Mapping):
                     shapes[name] = tuple(f.get_slice(name).get_shape())
         return shapes
 
-    def nbytes(self) -> int:
-        """Total tensor bytes (from the shard headers; no tensor is read)."""
-        from safetensors import safe_open
-
-        total = 0
-        for path in sorted(set(self._file_of.values())):
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    total += _slice_nbytes(f, name)
-        return total
-
-
-def _slice_nbytes(handle, name: str) -> int:
-    s = handle.get_slice(name)
-    numel = 1
-    for d in s.get_shape():
-        numel *= d
-    return numel * _DTYPE_BYTES[s.get_dtype()]
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
 
 _ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",

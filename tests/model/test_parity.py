@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.model.tiny_models import FAMILIES, load_safetensors_dir, save_tiny_model
+from tests.model.tiny_models import FAMILIES, load_safetensors_dir, saved_families_with_logits
 
 TOLERANCE = 1e-5  # float32; observed ~2e-6 (different but equivalent op orders)
 BATCH, SEQ = 2, 11
@@ -54,17 +54,7 @@ def _parity_body(ctx, model_dirs: dict, input_ids: torch.Tensor):
 @pytest.fixture(scope="module")
 def hf_reference(tmp_path_factory):
     """(model dirs, input ids, transformers' logits per family)."""
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("tiny_models")
-    dirs = {f: str(save_tiny_model(f, root / f, seed=i)) for i, f in enumerate(FAMILIES)}
-    input_ids = torch.randint(0, 101, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    logits = {}
-    for family, directory in dirs.items():
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-        with torch.no_grad():
-            logits[family] = model(input_ids).logits
-    return dirs, input_ids, logits
+    return saved_families_with_logits(tmp_path_factory.mktemp("tiny_models"), BATCH, SEQ, seed=0)
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -91,3 +91,18 @@ def load_safetensors_dir(directory: str | Path) -> dict[str, torch.Tensor]:
     for path in sorted(Path(directory).glob("*.safetensors")):
         tensors.update(load_file(path))
     return tensors
+
+
+def saved_families_with_logits(root: Path, batch: int, seq: int, seed: int):
+    """Every family saved under ``root`` (family i with seed i), random input ids [batch, seq] and
+    transformers' float32 logits of them: (dirs, input_ids, logits), keyed by family."""
+    from transformers import AutoModelForCausalLM
+
+    dirs = {f: str(save_tiny_model(f, Path(root) / f, seed=i)) for i, f in enumerate(FAMILIES)}
+    input_ids = torch.randint(0, 101, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    logits = {}
+    for family, directory in dirs.items():
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits[family] = model(input_ids).logits
+    return dirs, input_ids, logits
