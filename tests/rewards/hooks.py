@@ -23,6 +23,8 @@ def hooked_grade(answer, truth, timeout_s=None):
         return float(len(blocks) > 0), "ok"
     if answer == "RAISE":
         raise ValueError("boom")
+    if answer == "ONE":  # a correct answer that costs no parsing, so no timing can flip it
+        return 1.0, "ok"
     if answer == "PID":
         return 0.0, f"pid={os.getpid()}"
     return grade_answer(answer, truth, timeout_s=timeout_s)

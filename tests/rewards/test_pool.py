@@ -85,11 +85,11 @@ def _pids(pool):
 def test_crashed_workers_are_replaced(hook_pool):
     before = _pids(hook_pool)
     replaced_before = hook_pool.stats["workers_replaced"]
-    responses = [r"\boxed{EXIT}", r"\boxed{\frac{1}{2}}", r"\boxed{SEGV}", r"\boxed{RAISE}", r"\boxed{10^{3}}"]
-    truths = ["1", "0.5", "1", "1", "1000"]
+    responses = [r"\boxed{EXIT}", r"\boxed{ONE}", r"\boxed{SEGV}", r"\boxed{RAISE}", r"\boxed{ONE}"]
+    truths = ["1", "2", "1", "1", "2"]
     result = hook_pool.grade_batch_detailed(responses, truths)
+    assert result.statuses == ["crash", "ok", "crash", "error", "ok"], result
     assert result.rewards == [0.0, 1.0, 0.0, 0.0, 1.0]
-    assert result.statuses == ["crash", "ok", "crash", "error", "ok"]
     assert hook_pool.stats["workers_replaced"] - replaced_before == 2
     assert _pids(hook_pool) != before
     # The replacements grade normally.
@@ -112,9 +112,11 @@ def test_hung_worker_is_killed_at_the_deadline(hook_pool):
 
 def test_memory_limit_gives_zero_and_fresh_worker(hook_pool):
     replaced_before = hook_pool.stats["workers_replaced"]
-    result = hook_pool.grade_batch_detailed([r"\boxed{ALLOC}", r"\boxed{2^{3}}"], ["1", "8"])
+    # ONE needs no parsing: on a loaded 2-core box a real sympy parse racing the 512 MiB
+    # allocation could pass the 1.5 s limit and make this test about timing instead.
+    result = hook_pool.grade_batch_detailed([r"\boxed{ALLOC}", r"\boxed{ONE}"], ["1", "2"])
+    assert result.statuses == ["error", "ok"], result
     assert result.rewards == [0.0, 1.0]
-    assert result.statuses == ["error", "ok"]
     # The worker that hit the limit retires itself and is replaced before the next batch.
     hook_pool.grade_batch([r"\boxed{PID}"] * 2, ["1"] * 2)
     assert hook_pool.stats["workers_replaced"] - replaced_before >= 1
