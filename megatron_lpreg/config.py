@@ -1,0 +1,414 @@
+"""Typed run configuration: dataclasses, a YAML file, and dotted ``key=value`` overrides.
+
+    cfg = load_config("examples/tiny_cpu/config.yaml", ["grpo.steps=3", "loss.preset=grpo"])
+
+Defaults are the published Lp-Reg settings (LP_REG.md section 6); a YAML file only states what
+differs. Every value is checked against its field's type when loaded, and a bad key or value is an
+error naming the file, the line and the dotted key. ``loss`` is :class:`~megatron_lpreg.loss.LpRegConfig`
+plus ``loss.preset`` (``grpo``, ``clip_higher``, ``gspo``, ...: the baseline's fields, then the
+file's own ``loss`` fields on top).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_lpreg.loss.config import PRESETS, LpRegConfig
+
+__all__ = [
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "GRPOConfig", "LoggingConfig",
+    "ModelConfig", "OptimConfig", "ParallelConfig", "RewardConfig", "RolloutConfig",
+    "ValidationConfig", "config_to_dict", "load_config", "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration file, key or value; the message says where."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF model directory: config.json, tokenizer, *.safetensors
+    tokenizer: str | None = None  # default: ``path``
+    load: str | None = None  # start from this megatron-lpreg checkpoint instead of the HF weights
+    dtype: str = "bfloat16"  # parameters and compute; fp32 master weights live in the optimiser
+    use_te: bool | None = None  # None: Transformer Engine spec when it imports and CUDA is present
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size; data-parallel size = world size / tp
+    backend: str | None = None  # None: nccl with CUDA, else gloo
+    timeout_s: float = 1800.0  # a hung collective fails after this long
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    prompt_key: str = "prompt"
+    data_source_key: str = "data_source"
+    ground_truth_key: str = "reward_model.ground_truth"
+    template: str = "r1_zero"  # r1_zero | chat | raw
+    max_prompt_len: int = 2048  # longer prompts keep their last tokens (counted)
+    on_error: str = "raise"  # raise | skip: what a malformed row does
+    shuffle: bool = True
+    max_samples: int | None = None
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "auto"  # auto (vllm with CUDA, else hf) | hf | vllm
+    n: int = 8  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_tokens: int = 8192  # response length
+    max_batch_size: int = 64  # sequences per generate call (hf engine)
+    refit_bucket_mb: int = 512
+    gpu_memory_utilization: float = 0.5  # vllm, colocated with the trainer
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 4
+    timeout_s: float = 5.0  # per answer
+    memory_mb: int | None = 1024  # per worker
+    function: str | None = None  # "module:function" scoring (response, ground_truth) instead of the grader
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 500  # rollout steps
+    prompts_per_step: int = 256
+    mini_batch_prompts: int = 256  # == prompts_per_step: on-policy (one optimiser step per rollout)
+    epochs: int = 1  # passes over each rollout
+    micro_batch_tokens: int = 16384  # token budget per micro-batch (padded tokens)
+    pad_to_multiple: int = 1
+    adv_eps: float = 1e-6
+    normalize_adv_std: bool = True
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6  # constant
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+
+
+@dataclass
+class ValidationConfig:
+    files: list[str] = field(default_factory=list)
+    every: int = 8  # steps; 0 = never
+    at_start: bool = True  # score the initial policy too
+    # data_source -> samples per prompt (avg@k) at ``sampled_temperature``; other sources: greedy, 1.
+    samples: dict[str, int] = field(default_factory=lambda: {"aime": 16, "aime25": 16, "amc": 16})
+    sampled_temperature: float = 0.6
+    max_tokens: int | None = None  # default: rollout.max_tokens
+    max_samples: int | None = None  # prompts per file
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 64  # steps; 0 = only at the end
+    resume: str = "auto"  # auto: latest complete checkpoint in run_dir/checkpoints | never | a path
+    keep_last: int | None = None  # delete older step checkpoints (None: keep all)
+    save_at_end: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    wandb_project: str | None = None  # None: wandb offline in run_dir
+    wandb_mode: str | None = None  # online | offline | disabled (default: offline without a project)
+    wandb_name: str | None = None
+    wandb_entity: str | None = None
+    console: bool = True
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LpRegConfig = field(default_factory=LpRegConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.template": ("r1_zero", "chat", "raw"),
+    "data.on_error": ("raise", "skip"),
+    "rollout.engine": ("auto", "hf", "vllm"),
+    "parallel.backend": (None, "gloo", "nccl"),
+    "logging.wandb_mode": (None, "online", "offline", "disabled"),
+}
+_POSITIVE = (
+    "parallel.tp", "rollout.n", "rollout.max_tokens", "rollout.max_batch_size", "rollout.refit_bucket_mb",
+    "reward.num_workers", "grpo.prompts_per_step", "grpo.mini_batch_prompts", "grpo.epochs",
+    "grpo.micro_batch_tokens", "grpo.pad_to_multiple", "data.max_prompt_len",
+)
+_NON_NEGATIVE = ("grpo.steps", "validation.every", "checkpoint.every", "optim.lr", "optim.weight_decay",
+                 "reward.timeout_s")
+
+
+# ------------------------------------------------------------------------------------- loading
+class _Source:
+    """Where values came from: a file (with the line of each dotted key) or the command line."""
+
+    def __init__(self, name: str, lines: dict[str, int] | None = None):
+        self.name, self.lines = name, lines or {}
+
+    def where(self, key: str) -> str:
+        line = self.lines.get(key)
+        return f"{self.name}:{line}: {key}" if line else f"{self.name}: {key}"
+
+
+def _key_lines(node, prefix: str = "", out: dict | None = None) -> dict[str, int]:
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = f"{prefix}{k.value}"
+            out[key] = k.start_mark.line + 1
+            _key_lines(v, key + ".", out)
+    return out
+
+
+def _read_yaml(path: Path) -> tuple[dict, _Source]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data, _Source(str(path), lines)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """``value`` as the annotated type ``tp`` (YAML already typed scalars; ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single file name is a list of one
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        items = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(f"{where}: expected a list of {len(items)} values, got {value!r}")
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")  # pragma: no cover
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _merge(raw: dict, values: dict[str, dict], sources: dict[str, _Source], source: _Source) -> None:
+    """Fold one file's (or the overrides') nested mapping into ``values[section][field]``."""
+    top = _fields(Config)
+    for section, body in raw.items():
+        if section not in top:
+            raise ConfigError(f"{source.where(section)}: unknown key; known: {sorted(top)}")
+        if section == "run_dir":
+            values.setdefault("", {})["run_dir"] = body
+            sources["run_dir"] = source
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source.where(section)}: expected a mapping of {section} settings, got {body!r}")
+        cls = _hints(Config)[section]
+        known = set(_fields(cls)) | ({"preset"} if section == "loss" else set())
+        for key, value in body.items():
+            dotted = f"{section}.{key}"
+            if key not in known:
+                raise ConfigError(f"{source.where(dotted)}: unknown key; {section} has {sorted(known)}")
+            values.setdefault(section, {})[key] = value
+            sources[dotted] = source
+
+
+def parse_override(item: str) -> dict:
+    """``a.b=value`` -> ``{"a": {"b": value}}`` with ``value`` read as YAML (``1e-6``, ``[a, b]``)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"command line: {item!r} is not key=value (e.g. grpo.steps=10)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _build_section(section: str, cls, given: dict, sources: dict[str, _Source]):
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in given.items():
+        if key == "preset":
+            continue
+        dotted = f"{section}.{key}"
+        kwargs[key] = _coerce(value, hints[key], sources[dotted].where(dotted))
+    if section == "loss":
+        preset = given.get("preset", "lp_reg")
+        if preset not in PRESETS:
+            where = sources["loss.preset"].where("loss.preset")
+            raise ConfigError(f"{where}: unknown preset {preset!r}; known: {sorted(PRESETS)}")
+        kwargs = {**PRESETS[preset], **kwargs}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        keys = [k for k in given if k != "preset"]
+        where = sources[f"{section}.{keys[0]}"].name if keys else "config"
+        raise ConfigError(f"{where}: {section}: {e}") from None
+
+
+def _check(cfg: Config, sources: dict[str, _Source]) -> None:
+    def where(key):
+        src = sources.get(key)
+        return src.where(key) if src else f"default {key}"
+
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{where(key)}: {value!r} is not one of {[a for a in allowed]}")
+    for key in _POSITIVE + _NON_NEGATIVE:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < 0 or (key in _POSITIVE and value == 0):
+            kind = "positive" if key in _POSITIVE else "non-negative"
+            raise ConfigError(f"{where(key)}: must be {kind}, got {value!r}")
+    g = cfg.grpo
+    if g.prompts_per_step % g.mini_batch_prompts:
+        raise ConfigError(
+            f"{where('grpo.mini_batch_prompts')}: {g.mini_batch_prompts} does not divide "
+            f"grpo.prompts_per_step={g.prompts_per_step}")
+    if not 0.0 < cfg.rollout.top_p <= 1.0 or cfg.rollout.temperature < 0:
+        raise ConfigError(f"{where('rollout.top_p')}: need 0 < top_p <= 1 and temperature >= 0")
+    if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
+        raise ConfigError(f"{where('checkpoint.resume')}: auto, never, or a checkpoint path")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The run configuration: defaults < the YAML file (if any) < ``key=value`` overrides."""
+    values: dict[str, dict] = {}
+    sources: dict[str, _Source] = {}
+    if path is not None:
+        raw, source = _read_yaml(Path(path))
+        _merge(raw, values, sources, source)
+    cli = _Source("command line")
+    for item in overrides:
+        _merge(parse_override(item), values, sources, cli)
+    kwargs: dict[str, Any] = {}
+    if "run_dir" in values.get("", {}):
+        kwargs["run_dir"] = _coerce(values[""]["run_dir"], str, sources["run_dir"].where("run_dir"))
+    for section, cls in _hints(Config).items():
+        if section != "run_dir":
+            kwargs[section] = _build_section(section, cls, values.get(section, {}), sources)
+    cfg = Config(**kwargs)
+    _check(cfg, sources)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists) for YAML, JSON and wandb."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, float) and v == float("inf"):
+            return "inf"
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved configuration (atomically) so a run directory says how it was made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,154 @@
+"""The two Megatron passes of a GRPO step over this rank's sequences.
+
+``score_rollouts``: one no-grad pass giving, per response token, the old log-prob (pi_old is the
+policy that generated the rollout, recomputed by the trainer), the Lp-Reg proxy log-prob and the
+entropy: all from one ``vocab_parallel_token_stats`` call per micro-batch, so the proxy costs one
+extra partition sum and all-reduce, not a second pass.
+
+``train_on_rollouts``: the mini-batch updates. Micro-batches are formed by a token budget; each
+micro-batch loss is weighted so the accumulated gradient is that of the whole mini-batch's loss
+(verl's dynamic-batch weighting), and the optimiser averages it over data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_lpreg.grpo.batching import RolloutBatch, collate, token_budget_microbatches
+from megatron_lpreg.grpo.metrics import MetricSums
+from megatron_lpreg.loss import (
+    LpRegConfig, lp_reg_policy_loss, selection_thresholds, vocab_parallel_forward_kl_to_proxy,
+    vocab_parallel_reverse_kl_to_proxy, vocab_parallel_token_stats,
+)
+from megatron_lpreg.model.build import model_logits
+
+
+@dataclass
+class PolicyContext:
+    """What the passes need to know about the model and its place in the world."""
+
+    model: object
+    vocab_size: int
+    pad_id: int
+    device: torch.device
+    tp_group: object  # None at TP=1
+    dp_group: object  # None at DP=1
+    dp_size: int
+    micro_batch_tokens: int
+    pad_to_multiple: int = 1
+
+
+def _microbatches(pc: PolicyContext, batch: RolloutBatch, indices: list[int]):
+    lengths = [batch.lengths[i] for i in indices]
+    for mb in token_budget_microbatches(lengths, pc.micro_batch_tokens, pad_to_multiple=pc.pad_to_multiple):
+        rows = [indices[j] for j in mb]
+        data = collate(batch, rows, pc.pad_id, pc.pad_to_multiple)
+        yield rows, {k: v.to(pc.device) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+
+
+def _response_values(values: torch.Tensor, data: dict) -> list[torch.Tensor]:
+    """Per-row response-token values [R_i] out of a [B, S] tensor laid out as ``collate`` does."""
+    out = []
+    for row, (p, r) in enumerate(zip(data["prompt_lens"].tolist(), data["response_lens"].tolist())):
+        out.append(values[row, p - 1:p - 1 + r].detach().float().cpu())
+    return out
+
+
+@torch.no_grad()
+def score_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig) -> dict[str, list]:
+    """Old log-probs, proxy log-probs (Lp-Reg only) and entropies of every response token."""
+    pc.model.eval()
+    n = len(batch)
+    out = {"old_logprobs": [None] * n, "proxy_logprobs": [None] * n, "entropy": [None] * n}
+    for rows, data in _microbatches(pc, batch, list(range(n))):
+        logits = model_logits(pc.model, data["tokens"])
+        stats = vocab_parallel_token_stats(
+            logits, data["targets"], group=pc.tp_group, vocab_size=pc.vocab_size, entropy=True,
+            proxy=loss_cfg.enabled, kappa=loss_cfg.kappa, threshold=loss_cfg.threshold, inplace=True,
+        )
+        del logits
+        fields = {"old_logprobs": stats.logprobs, "entropy": stats.entropy}
+        if loss_cfg.enabled:
+            fields["proxy_logprobs"] = stats.proxy_logprobs
+        for name, values in fields.items():
+            for i, v in zip(rows, _response_values(values, data)):
+                out[name][i] = v
+    if not loss_cfg.enabled:  # plain GRPO: the loss never reads it; keep the batch shape uniform
+        out["proxy_logprobs"] = [torch.full_like(v, float("-inf")) for v in out["old_logprobs"]]
+    return out
+
+
+def _exact_kl(pc: PolicyContext, logits: torch.Tensor, loss_cfg: LpRegConfig):
+    """exact_kl callable for kl=forward/reverse: computes only the selected rows. The proxy comes
+    from the current logits, detached: pi_old itself on the first (on-policy) mini-batch."""
+    fn = vocab_parallel_forward_kl_to_proxy if loss_cfg.kl == "forward" else vocab_parallel_reverse_kl_to_proxy
+
+    def values(selected: torch.Tensor) -> torch.Tensor:
+        rows = logits[selected]
+        return fn(rows, rows.detach(), loss_cfg.kappa, loss_cfg.threshold, group=pc.tp_group,
+                  vocab_size=pc.vocab_size)
+
+    return values
+
+
+def _minibatches(n: int, num: int) -> list[list[int]]:
+    size = n // num
+    return [list(range(k * size, (k + 1) * size)) for k in range(num)]
+
+
+def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimizer, *,
+                      num_minibatches: int, epochs: int) -> tuple[MetricSums, list]:
+    """``epochs`` passes of ``num_minibatches`` optimiser steps over ``batch`` (this DP rank's
+    share); returns the loss metrics and each optimiser step's result."""
+    pc.model.train()
+    metrics = MetricSums()
+    steps = []
+    need_entropy = loss_cfg.entropy_coef > 0 or loss_cfg.high_entropy_fraction < 1.0
+    for _ in range(epochs):
+        for mini in _minibatches(len(batch), num_minibatches):
+            thresholds = None
+            global_tokens = None
+            if loss_cfg.percentile_scope != "microbatch" and loss_cfg.enabled:
+                # The batch scopes rank log-probs over the whole mini-batch on all DP ranks; they are
+                # taken before the update (pi_old), which is the current policy on-policy.
+                masks = [torch.ones(batch.response_lens[i], dtype=torch.bool) for i in mini]
+                thresholds = selection_thresholds(
+                    [batch.old_logprobs[i].unsqueeze(0) for i in mini],
+                    [batch.advantages[i:i + 1] for i in mini],
+                    [m.unsqueeze(0) for m in masks], loss_cfg, group=pc.dp_group)
+            local_tokens = sum(int(batch.response_lens[i]) for i in mini)
+            if loss_cfg.loss_agg == "global_token_mean":
+                t = torch.tensor([float(local_tokens)], dtype=torch.float64)
+                if pc.dp_group is not None:
+                    torch.distributed.all_reduce(t, group=pc.dp_group)
+                global_tokens = max(int(t.item()), 1)
+            for rows, data in _microbatches(pc, batch, mini):
+                logits = model_logits(pc.model, data["tokens"])
+                exact_kl = _exact_kl(pc, logits, loss_cfg) if loss_cfg.enabled and loss_cfg.kl != "k3" else None
+                stats = vocab_parallel_token_stats(
+                    logits, data["targets"], group=pc.tp_group, vocab_size=pc.vocab_size,
+                    entropy=need_entropy, proxy=False, inplace=exact_kl is None,
+                )
+                loss, m = lp_reg_policy_loss(
+                    stats.logprobs, data["old_logprobs"], data["proxy_logprobs"], data["advantages"],
+                    data["loss_mask"], loss_cfg, exact_kl, entropy=stats.entropy, thresholds=thresholds,
+                    global_tokens=global_tokens,
+                )
+                if loss_cfg.loss_agg == "global_token_mean":
+                    weight = float(pc.dp_size)  # the optimiser averages over DP; the sum is wanted
+                else:
+                    weight = len(rows) / len(mini)
+                (loss * weight).backward()
+                metrics.add(m, weight=float(data["loss_mask"].sum()))
+                metrics.add({"loss/policy": float(loss.detach())}, weight=len(rows))
+            steps.append(optimizer.step())
+    return metrics, steps
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start

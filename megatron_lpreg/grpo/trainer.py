@@ -1,0 +1,350 @@
+"""The GRPO loop with Lp-Reg, NeMo-Aligner style: one readable step, top to bottom.
+
+    prompts -> rollout (engine rank of each DP replica) -> rewards -> group advantages
+            -> old + proxy log-probs (one no-grad Megatron pass)
+            -> mini-batch updates with the vocab-parallel Lp-Reg loss (TP x DP)
+            -> refit the new weights into the rollout engine
+    every N steps: validation (avg@k per data_source), checkpoint; every step: metrics
+
+Everything that a step changes (weights, optimiser, data position, best score) is saved together in
+one atomic checkpoint, and sampling seeds are a function of (seed, step, DP rank), so a resumed run
+continues exactly as the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_lpreg import checkpointing as ckpt
+from megatron_lpreg.config import Config, ConfigError, config_to_dict, save_config
+from megatron_lpreg.data import DataFields, PromptSampler, encode_prompts, load_prompt_dataset
+from megatron_lpreg.grpo.advantages import group_advantages, group_stats
+from megatron_lpreg.grpo.batching import RolloutBatch
+from megatron_lpreg.grpo.metrics import MetricSums
+from megatron_lpreg.grpo.optimizer import PolicyOptimizer
+from megatron_lpreg.grpo.policy import PolicyContext, score_rollouts, train_on_rollouts
+from megatron_lpreg.grpo.rollout import generate_and_grade, share_in_group
+from megatron_lpreg.grpo.state import (
+    complete_checkpoints, load_training_checkpoint, prune_checkpoints, save_training_checkpoint, step_dir,
+)
+from megatron_lpreg.grpo.validation import validate
+from megatron_lpreg.parallel import init_distributed
+from megatron_lpreg.rollout.engine import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def _group(group, size: int):
+    return group if size > 1 else None
+
+
+def stop_token_ids(tokenizer, hf_dir: Path) -> tuple[int, ...]:
+    """EOS ids of the tokenizer and of generation_config.json (chat models end turns with their own)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(hf_dir).eos_token_id
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    except (OSError, ValueError):
+        pass
+    return tuple(sorted(ids))
+
+
+def sampling_seed(seed: int, step: int, dp_rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + dp_rank) % (2**31 - 1)
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: Config):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from megatron_lpreg.model import parse_hf_config
+        from megatron_lpreg.model.build import build_gpt_model, transformer_engine_available
+        from megatron_lpreg.rewards import FunctionReward, RewardPool
+        from megatron_lpreg.rollout.hf_engine import HFEngine
+        from megatron_lpreg.weights import load_hf_weights
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        hf_dir = Path(cfg.model.path)
+        if not (hf_dir / "config.json").is_file():
+            raise ConfigError(f"model.path: {hf_dir} has no config.json (a HF model directory is expected)")
+        self.hf_dir = hf_dir
+        g = cfg.grpo
+        self.ctx = ctx = init_distributed(cfg.parallel.tp, cfg.parallel.backend, cfg.parallel.timeout_s, seed=g.seed)
+        for name, value in (("grpo.prompts_per_step", g.prompts_per_step), ("grpo.mini_batch_prompts", g.mini_batch_prompts)):
+            if value % ctx.dp_size:
+                raise ConfigError(f"{name}={value} is not divisible by the data-parallel size {ctx.dp_size}")
+        if cfg.rollout.n < 2:
+            raise ConfigError(f"rollout.n={cfg.rollout.n}: group advantages need at least 2 responses per prompt")
+        self.engine_rank = ctx.tp_rank == 0
+        self.tp_group = _group(ctx.tp_group, ctx.tp_size)
+        self.dp_group = _group(ctx.dp_group, ctx.dp_size)
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+        self.stop_ids = stop_token_ids(self.tokenizer, hf_dir)
+        self.spec = parse_hf_config(hf_dir)
+        dtype = getattr(torch, cfg.model.dtype)
+        self.te = transformer_engine_available() if cfg.model.use_te is None else cfg.model.use_te
+        self.model = build_gpt_model(self.spec, dtype, self.te)
+        if cfg.model.load:
+            ckpt.load_model(self.model, cfg.model.load)
+        else:
+            load_hf_weights(self.model, self.spec, hf_dir, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, te=self.te)
+        o = cfg.optim
+        self.optimizer = PolicyOptimizer(
+            self.model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
+            dp_group=self.dp_group, tp_group=self.tp_group)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0] \
+            if self.stop_ids else 0
+        self.policy = PolicyContext(
+            model=self.model, vocab_size=self.spec.vocab_size, pad_id=pad_id, device=ctx.device,
+            tp_group=self.tp_group, dp_group=self.dp_group, dp_size=ctx.dp_size,
+            micro_batch_tokens=g.micro_batch_tokens, pad_to_multiple=g.pad_to_multiple)
+
+        d = cfg.data
+        fields = DataFields(d.prompt_key, d.data_source_key, d.ground_truth_key)
+        if not d.train_files:
+            raise ConfigError("data.train_files: no training prompt files given")
+        self.train_data = load_prompt_dataset(d.train_files, fields, d.on_error, max_samples=d.max_samples)
+        self.val_data = load_prompt_dataset(cfg.validation.files, fields, d.on_error,
+                                            max_samples=cfg.validation.max_samples) \
+            if cfg.validation.files else None
+        self.sampler = PromptSampler(len(self.train_data), g.prompts_per_step, g.seed, shuffle=d.shuffle)
+
+        self.engine = self.pool = None
+        if self.engine_rank:
+            if cfg.rollout.engine == "vllm":
+                raise ConfigError("rollout.engine=vllm: the vLLM engine is not part of this build yet; use hf")
+            self.engine = HFEngine.from_config(AutoConfig.from_pretrained(hf_dir), dtype=dtype, pad_token_id=pad_id,
+                                               max_batch_size=cfg.rollout.max_batch_size)
+            r = cfg.reward
+            self.pool = FunctionReward(r.function) if r.function else \
+                RewardPool(r.num_workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb)
+
+        self.step = 0
+        self.best: dict | None = None
+        self.resumed_from = self._resume()
+        self.last_refit_s = self.refit()
+        self.metrics_logger = self._make_logger()
+
+    # ---------------------------------------------------------------------------- setup helpers
+    def _resume(self) -> Path | None:
+        choice = self.cfg.checkpoint.resume
+        if choice == "never":
+            return None
+        if choice == "auto":
+            found = complete_checkpoints(self.run_dir)
+            if not found:
+                return None
+            path = found[-1][1]
+        else:
+            path = Path(choice)
+            if not ckpt.is_complete(path):
+                raise ckpt.CheckpointError(f"checkpoint.resume: {path} is not a complete checkpoint")
+        state = load_training_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.best = state.get("best")
+        if self.ctx.rank == 0:
+            logger.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def _make_logger(self):
+        from megatron_lpreg.logging import MetricsLogger
+
+        c, lg = self.cfg, self.cfg.logging
+        if self.ctx.rank == 0:
+            save_config(c, self.run_dir / "config.yaml")
+        return MetricsLogger(
+            self.run_dir, config=config_to_dict(c), enabled=self.ctx.rank == 0, total_steps=c.grpo.steps,
+            wandb_project=lg.wandb_project, wandb_mode=lg.wandb_mode, wandb_name=lg.wandb_name,
+            wandb_entity=lg.wandb_entity, console=lg.console, start_step=self.step)
+
+    # ---------------------------------------------------------------------------- one step
+    def refit(self) -> float:
+        """Stream the Megatron weights into the rollout engine (collective over the TP group)."""
+        from megatron_lpreg.weights.refit import stream_hf_weights
+
+        start = time.perf_counter()
+        # The real group even at TP=1: refit reads its size from the group, None means the world.
+        buckets = stream_hf_weights(self.model, self.spec, tp_group=self.ctx.tp_group, te=self.te,
+                                    bucket_bytes=self.cfg.rollout.refit_bucket_mb << 20, dst_tp_rank=0)
+        for bucket in buckets:
+            if self.engine is not None:
+                self.engine.update_weights(bucket)
+        return time.perf_counter() - start
+
+    def _local_prompts(self, indices: list[int]):
+        per = len(indices) // self.ctx.dp_size
+        return [self.train_data[i] for i in indices[self.ctx.dp_rank * per:(self.ctx.dp_rank + 1) * per]]
+
+    def _rollout(self, records, step: int):
+        """Prompts -> graded completions on the engine rank, shared with the TP group."""
+        c = self.cfg
+        result = None
+        if self.engine_rank:
+            prompt_ids, truncated = encode_prompts(records, self.tokenizer, c.data.template, c.data.max_prompt_len)
+            r = c.rollout
+            sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                      max_tokens=r.max_tokens, stop_token_ids=self.stop_ids,
+                                      seed=sampling_seed(c.grpo.seed, step, self.ctx.dp_rank))
+            graded = generate_and_grade(self.engine, self.pool, self.tokenizer, prompt_ids,
+                                        [rec.ground_truth for rec in records], sampling)
+            result = (graded, truncated)
+        return share_in_group(result, self.tp_group)
+
+    def _rollout_batch(self, graded) -> RolloutBatch:
+        n = graded.n
+        input_ids, prompt_lens = [], []
+        for i, comp in enumerate(graded.completions):
+            prompt = graded.prompt_ids[i // n]
+            input_ids.append(torch.tensor(prompt + comp.token_ids, dtype=torch.long))
+            prompt_lens.append(len(prompt))
+        rewards = torch.tensor(graded.rewards, dtype=torch.float32)
+        adv = group_advantages(rewards, n, eps=self.cfg.grpo.adv_eps, normalize_std=self.cfg.grpo.normalize_adv_std)
+        return RolloutBatch(input_ids, prompt_lens, graded.response_lens, adv, rewards=rewards)
+
+    def train_step(self) -> dict[str, float]:
+        c, step = self.cfg, self.step + 1
+        times = {}
+        t0 = time.perf_counter()
+        records = self._local_prompts(next(self.sampler))
+        graded, truncated = self._rollout(records, step)
+        times["time/rollout"], times["time/reward"] = graded.generate_s, graded.reward_s
+        batch = self._rollout_batch(graded)
+
+        t = time.perf_counter()
+        scores = score_rollouts(self.policy, batch, c.loss)
+        batch.old_logprobs, batch.proxy_logprobs = scores["old_logprobs"], scores["proxy_logprobs"]
+        times["time/logprob"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        g = c.grpo
+        loss_sums, results = train_on_rollouts(
+            self.policy, batch, c.loss, self.optimizer,
+            num_minibatches=g.prompts_per_step // g.mini_batch_prompts, epochs=g.epochs)
+        times["time/train"] = time.perf_counter() - t
+        times["time/refit"] = self.refit()
+
+        sums = self._rollout_metrics(graded, batch, scores, truncated)
+        sums.merge(loss_sums)
+        metrics = sums.reduce(self.dp_group)
+        metrics.update({
+            "optim/grad_norm": results[-1].grad_norm,
+            "optim/lr": results[-1].lr,
+            "optim/skipped_steps": float(sum(not r.stepped for r in results)),
+            "optim/steps": float(len(results)),
+        })
+        metrics.update(times)
+        metrics["time/step"] = time.perf_counter() - t0
+        self.step = step
+        return metrics
+
+    def _rollout_metrics(self, graded, batch, scores, truncated) -> MetricSums:
+        sums = MetricSums()
+        stats = group_stats(torch.tensor(graded.rewards), graded.n)
+        groups = stats["num_groups"]
+        sums.add({"reward/mean": stats["reward_mean"]}, weight=len(graded.rewards))
+        sums.add({"reward/all_correct_groups": stats["frac_all_correct"],
+                  "reward/all_wrong_groups": stats["frac_all_wrong"]}, weight=groups)
+        sums.add({"data/prompt_truncated": truncated / max(groups, 1)}, weight=groups)
+        for comp, reward, status in zip(graded.completions, graded.rewards, graded.statuses):
+            sums.add({
+                "response/length_mean": len(comp.token_ids),
+                "response/length_max": len(comp.token_ids),
+                "response/truncated": float(comp.finish_reason == "length"),
+                "reward/graded_ok": float(status == "ok"),
+                "reward/timeouts": float(status == "timeout"),
+            })
+        tokens = sum(int(v.numel()) for v in scores["entropy"])
+        if tokens:
+            entropy = sum(float(v.sum()) for v in scores["entropy"]) / tokens
+            # The engine's own log-probs against the trainer's recomputation: the rollout/train gap.
+            diffs = [abs(torch.tensor(comp.logprobs[:len(old)]) - old).sum() for comp, old
+                     in zip(graded.completions, scores["old_logprobs"]) if len(old)]
+            sums.add({"entropy/mean": entropy,
+                      "rollout/logprob_abs_diff": float(sum(diffs)) / tokens}, weight=tokens)
+        return sums
+
+    # ---------------------------------------------------------------------------- validation, checkpoints
+    def validate(self) -> dict[str, float]:
+        c = self.cfg
+        if self.val_data is None:
+            return {}
+        start = time.perf_counter()
+        prompt_ids = None
+        if self.engine_rank:
+            prompt_ids, _ = encode_prompts(list(self.val_data), self.tokenizer, c.data.template, c.data.max_prompt_len)
+        out = validate(
+            self.engine, self.pool, self.tokenizer, self.val_data, prompt_ids, c.validation,
+            max_tokens=c.validation.max_tokens or c.rollout.max_tokens, stop_ids=self.stop_ids,
+            seed=sampling_seed(c.grpo.seed + 1, self.step, 0), dp_rank=self.ctx.dp_rank,
+            dp_size=self.ctx.dp_size, dp_group=self.dp_group, on_engine_rank=self.engine_rank)
+        if "val/mean" in out and (self.best is None or out["val/mean"] > self.best["val/mean"]):
+            self.best = {"val/mean": out["val/mean"], "step": self.step}
+        if self.best is not None:
+            out["val/best"] = self.best["val/mean"]
+            out["val/best_step"] = float(self.best["step"])
+        out["time/validation"] = time.perf_counter() - start
+        return out
+
+    def save(self) -> Path:
+        path = step_dir(self.run_dir, self.step)
+        spec = self.spec
+        metadata = {
+            "source": str(self.hf_dir.resolve()), "architecture": spec.architecture, "dtype": self.cfg.model.dtype,
+            "tp_size": self.ctx.tp_size, "vocab_size": spec.vocab_size,
+            "padded_vocab_size": int(self.model.embedding.word_embeddings.weight.shape[0]) * self.ctx.tp_size,
+            "num_layers": spec.num_layers,
+        }
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "best": self.best,
+                 "world_size": self.ctx.world_size, "tp_size": self.ctx.tp_size}
+        save_training_checkpoint(path, model=self.model, optimizer=self.optimizer, metadata=metadata,
+                                 trainer_state=state, hf_source=self.hf_dir)
+        prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
+        return path
+
+    # ---------------------------------------------------------------------------- the loop
+    def fit(self, max_steps: int | None = None) -> dict[str, float]:
+        """Train to ``grpo.steps`` (or ``max_steps`` more steps); returns the last step's metrics."""
+        c = self.cfg
+        end = c.grpo.steps if max_steps is None else min(c.grpo.steps, self.step + max_steps)
+        last: dict[str, float] = {}
+        saved_at = self.step if self.resumed_from else None
+        if self.resumed_from is None and c.validation.at_start and self.val_data is not None and self.step == 0:
+            self.metrics_logger.log(0, self.validate())
+        while self.step < end:
+            last = self.train_step()
+            if self.val_data is not None and c.validation.every and self.step % c.validation.every == 0:
+                last.update(self.validate())
+            self.metrics_logger.log(self.step, last)
+            if c.checkpoint.every and self.step % c.checkpoint.every == 0:
+                self.save()
+                saved_at = self.step
+        if c.checkpoint.save_at_end and saved_at != self.step and self.step == c.grpo.steps:
+            self.save()
+        if self.best is not None:
+            self.metrics_logger.log_summary({"val/best": self.best["val/mean"], "val/best_step": self.best["step"]})
+        return last
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if getattr(self, "metrics_logger", None) is not None:
+            self.metrics_logger.close()
+
+    def __enter__(self) -> "GRPOTrainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

@@ -1,0 +1,396 @@
+"""PolicyOptimizer: AdamW references for clipping and bf16 masters (one process, a toy module);
+grad norm across TP shards, data-parallel averaging, non-finite skips and sharded checkpoints
+resharded TP=2 -> TP=1 (gloo ranks, a tiny Qwen3)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_lpreg.grpo.optimizer import PolicyOptimizer
+from tests.distributed import run_distributed
+from tests.model.tiny_models import save_tiny_model
+
+FAMILY = "qwen3"  # q/k layernorms (more replicated params) and SwiGLU (a ShardedTensorFactory)
+VOCAB = 101
+LR, WD, CLIP = 1e-3, 0.01, 1.0
+TIMEOUT_S = 120
+
+
+# ---------------------------------------------------------------------------------------------
+# one process, a toy module
+
+
+def _toy(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)).to(dtype)
+
+
+def _set_grads(params, scale: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = (scale * torch.randn(p.shape, generator=g)).to(p.dtype)
+
+
+def _norm(grads) -> float:
+    return math.sqrt(sum(g.double().square().sum().item() for g in grads))
+
+
+@pytest.mark.parametrize("clip", [CLIP, 0.0, None])
+def test_update_is_adamw_on_clipped_grads(clip):
+    model = _toy()
+    params = list(model.parameters())
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    opt = PolicyOptimizer(model, lr=0.01, weight_decay=0.1, clip_grad=clip)
+    ref_opt = torch.optim.AdamW(ref, lr=0.01, weight_decay=0.1)
+    assert all(m is p for m, p in zip(opt.masters, params))  # fp32: optimised in place
+    norms = []
+    # Adam is nearly blind to one step's gradient scale: a clipped step only shows against the
+    # momentum of an unclipped one, so the norms go below, far above and above the threshold.
+    for step, scale in enumerate((0.05, 100.0, 0.5)):
+        _set_grads(params, scale, seed=step)
+        norm = _norm(p.grad for p in params)
+        coef = CLIP / (norm + 1e-6) if clip and norm > clip else 1.0
+        for r, p in zip(ref, params):
+            r.grad = p.grad * coef
+        ref_opt.step()
+        result = opt.step()
+        assert result.stepped and result.lr == 0.01
+        assert result.grad_norm == pytest.approx(norm, rel=1e-6)
+        assert all(p.grad is None for p in params)
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p, r, rtol=0, atol=1e-7)
+        norms.append(norm)
+    assert norms[0] < CLIP < norms[2] < norms[1]
+
+
+def test_bf16_params_keep_fp32_masters():
+    model = _toy(torch.bfloat16)
+    params = list(model.parameters())
+    ref = [p.detach().float().requires_grad_() for p in params]
+    opt = PolicyOptimizer(model, lr=1e-3, weight_decay=0.01, clip_grad=None)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.01)
+    assert all(m.dtype == torch.float32 and m is not p for m, p in zip(opt.masters, params))
+    for step in range(3):
+        _set_grads(params, 1.0, seed=step)
+        if step == 1:
+            params[0].grad = None  # a parameter the loss did not reach: a zero gradient
+        for r, p in zip(ref, params):
+            r.grad = torch.zeros_like(r) if p.grad is None else p.grad.float()
+        ref_opt.step()
+        assert opt.step().stepped
+        for p, m, r in zip(params, opt.masters, ref):
+            torch.testing.assert_close(m, r, rtol=0, atol=1e-7)
+            assert p.dtype == torch.bfloat16 and torch.equal(p, m.to(torch.bfloat16))
+    # lr 1e-3 moves weights by less than bf16 resolution: only the masters remember the steps.
+    assert any(not torch.equal(m, m.to(torch.bfloat16).float()) for m in opt.masters)
+    assert opt.scalar_state() == {"step": 3}
+
+
+def test_set_lr_and_plain_state_dict_round_trip():
+    model = _toy(torch.bfloat16)
+    opt = PolicyOptimizer(model, lr=1e-3, clip_grad=None)
+    assert opt.scalar_state() == {"step": 0}
+    for step in range(2):
+        _set_grads(model.parameters(), 1.0, seed=step)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    twin = copy.deepcopy(model)
+    twin_opt = PolicyOptimizer(twin, lr=5.0, clip_grad=None)  # masters start as the bf16 params
+    buf.seek(0)
+    twin_opt.load_state_dict(torch.load(buf))
+    for o in (opt, twin_opt):
+        o.set_lr(2e-3)
+        _set_grads(o.model.parameters(), 1.0, seed=7)
+        assert o.step().lr == 2e-3
+    assert twin_opt.scalar_state() == {"step": 3}
+    for a, b in zip(opt.masters, twin_opt.masters):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# gloo ranks, a tiny Qwen3
+
+
+def _batch(step: int, rank: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(100 * step + rank))
+
+
+def _load_model(ctx, hf_dir: str, dtype=torch.float32):
+    from megatron_lpreg.model import build_gpt_model, parse_hf_config
+    from megatron_lpreg.weights import hf_to_megatron_shard
+    from megatron_lpreg.weights.hf_files import HFCheckpoint
+
+    spec = parse_hf_config(hf_dir)
+    model = build_gpt_model(spec, dtype)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, shard in hf_to_megatron_shard(spec, HFCheckpoint(hf_dir), ctx.tp_rank, ctx.tp_size):
+            params[name].copy_(shard)
+    return spec, model
+
+
+def _optimizer(ctx, model, **kw) -> PolicyOptimizer:
+    kw = {"lr": LR, "weight_decay": WD, "clip_grad": CLIP, **kw}
+    return PolicyOptimizer(model, dp_group=ctx.dp_group, tp_group=ctx.tp_group, **kw)
+
+
+def _backward(ctx, model, input_ids) -> None:
+    from megatron_lpreg.loss import vocab_parallel_logprobs
+    from megatron_lpreg.model import model_logits
+
+    logits = model_logits(model, input_ids)[:, :-1]
+    logp = vocab_parallel_logprobs(logits, input_ids[:, 1:], group=ctx.tp_group, vocab_size=VOCAB)
+    (-logp.mean()).backward()
+
+
+def _full(ctx, spec, tensors: dict) -> dict:
+    """Megatron name -> this rank's shard, gathered over TP into full HF tensors by HF name."""
+    import torch.distributed as dist
+
+    from megatron_lpreg.weights import find_param, to_hf
+
+    out = {}
+    for name, t in tensors.items():
+        shards = [torch.empty_like(t) for _ in range(ctx.tp_size)]
+        dist.all_gather(shards, t.detach().contiguous(), group=ctx.tp_group)
+        out.update(to_hf(spec, find_param(spec, name), shards))
+    return out
+
+
+def _full_state(ctx, spec, model, opt) -> dict:
+    names = [n for n, _ in model.named_parameters()]
+    return {kind: _full(ctx, spec, {n: opt.param_state(n)[kind] for n in names})
+            for kind in opt.param_state(names[0])}
+
+
+def _snapshot(model, opt) -> list[torch.Tensor]:
+    tensors = [p.detach().clone() for p in model.parameters()]
+    for n, _ in model.named_parameters():
+        tensors += [t.detach().clone() for t in opt.param_state(n).values()]
+    return tensors + [torch.tensor(float(opt.scalar_state()["step"]))]
+
+
+def _unchanged(before, model, opt) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt), strict=True))
+
+
+def _replicas_agree(ctx, model) -> dict[str, bool]:
+    """Whether each replicated (not TP-sharded) parameter is the same on every TP rank."""
+    import torch.distributed as dist
+
+    out = {}
+    for name, p in model.named_parameters():
+        if not getattr(p, "tensor_model_parallel", False):
+            copies = [torch.empty_like(p) for _ in range(ctx.tp_size)]
+            dist.all_gather(copies, p.detach(), group=ctx.tp_group)
+            out[name] = all(torch.equal(c, copies[0]) for c in copies)
+    return out
+
+
+def _groups(model):
+    from megatron_lpreg import checkpointing
+
+    return checkpointing.model_groups(len(model.decoder.layers))
+
+
+def _save(ctx, model, opt, directory: str) -> None:
+    """The model and, next to it, the optimizer, one dist_checkpointing save per group."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from megatron_lpreg import checkpointing
+
+    for group in _groups(model):
+        checkpointing.save_group(model, group, directory)
+        path = Path(directory) / "optimizer" / group
+        if ctx.rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(opt.sharded_state_dict(checkpointing.group_sharded_state_dict(model, group)),
+                                str(path))
+    if ctx.rank == 0:
+        (Path(directory) / "optimizer.json").write_text(json.dumps(opt.scalar_state()))
+    dist.barrier()
+
+
+def _load(model, opt, directory: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    from megatron_lpreg import checkpointing
+
+    for group in _groups(model):
+        checkpointing.load_group(model, group, directory)
+        sharded = opt.sharded_state_dict(checkpointing.group_sharded_state_dict(model, group))
+        opt.load_sharded_state_dict(dist_checkpointing.load(sharded, str(Path(directory) / "optimizer" / group)))
+    opt.load_scalar_state(json.loads((Path(directory) / "optimizer.json").read_text()))
+
+
+def _tp2_body(ctx, hf_dir: str, ckpt: str):
+    spec, model = _load_model(ctx, hf_dir)
+    opt = _optimizer(ctx, model)
+    params = dict(model.named_parameters())
+    out = {}
+    _backward(ctx, model, _batch(1))
+    out["norm1"] = opt.step().grad_norm
+
+    # A bad gradient on one TP rank only, in a replicated (counted-once) and in a sharded param.
+    out["nonfinite"] = []
+    for name, rank, value in (("decoder.layers.0.input_layernorm.weight", 1, math.inf),
+                              ("decoder.layers.1.mlp.linear_fc2.weight", 0, math.nan)):
+        _backward(ctx, model, _batch(2))
+        before = _snapshot(model, opt)
+        if ctx.tp_rank == rank:
+            params[name].grad.view(-1)[3] = value
+        result = opt.step()
+        out["nonfinite"].append((result.stepped, math.isfinite(result.grad_norm),
+                                 _unchanged(before, model, opt), all(p.grad is None for p in params.values())))
+
+    _backward(ctx, model, _batch(2))
+    out["stepped2"] = opt.step().stepped
+    _save(ctx, model, opt, f"{ckpt}/fp32")
+    out["state"] = _full_state(ctx, spec, model, opt)
+    _backward(ctx, model, _batch(3))
+    out["stepped3"] = opt.step().stepped
+    out["params3"] = _full(ctx, spec, params)
+    out["replicas_agree"] = _replicas_agree(ctx, model)
+
+    # bf16: the fp32 masters are checkpointed too.
+    spec, model = _load_model(ctx, hf_dir, torch.bfloat16)
+    opt = _optimizer(ctx, model)
+    _backward(ctx, model, _batch(1))
+    opt.step()
+    _save(ctx, model, opt, f"{ckpt}/bf16")
+    out["bf16_state"] = _full_state(ctx, spec, model, opt)
+    return out if ctx.rank == 0 else None
+
+
+def _tp1_body(ctx, hf_dir: str, ckpt: str):
+    spec, model = _load_model(ctx, hf_dir)
+    opt = _optimizer(ctx, model)
+    out = {}
+    _backward(ctx, model, _batch(1))
+    out["norm1_float64"] = _norm(p.grad for p in model.parameters())
+    out["norm1"] = opt.step().grad_norm
+
+    # Resume the TP=2 run: freshly initialised weights, everything from the checkpoint.
+    from megatron_lpreg.model import build_gpt_model
+
+    model = build_gpt_model(spec)
+    opt = _optimizer(ctx, model)
+    _load(model, opt, f"{ckpt}/fp32")
+    out["state"] = _full_state(ctx, spec, model, opt)
+    _backward(ctx, model, _batch(3))
+    out["stepped3"] = opt.step().stepped
+    out["params3"] = _full(ctx, spec, dict(model.named_parameters()))
+
+    model = build_gpt_model(spec, torch.bfloat16)
+    opt = _optimizer(ctx, model)
+    _load(model, opt, f"{ckpt}/bf16")
+    out["bf16_state"] = _full_state(ctx, spec, model, opt)
+    out["bf16_params_are_masters"] = all(
+        torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(opt.params, opt.masters))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return str(save_tiny_model(FAMILY, tmp_path_factory.mktemp("optimizer_hf") / FAMILY, seed=3))
+
+
+@pytest.fixture(scope="module")
+def tp_runs(hf_dir, tmp_path_factory):
+    ckpt = str(tmp_path_factory.mktemp("optimizer_ckpt"))
+    tp2 = run_distributed(_tp2_body, 2, 2, args=(hf_dir, ckpt), timeout_s=TIMEOUT_S)[0]
+    tp1 = run_distributed(_tp1_body, 1, 1, args=(hf_dir, ckpt), timeout_s=TIMEOUT_S)[0]
+    return tp2, tp1
+
+
+def test_grad_norm_is_the_unsharded_norm_at_tp1_and_tp2(tp_runs):
+    tp2, tp1 = tp_runs
+    assert tp1["norm1"] == pytest.approx(tp1["norm1_float64"], rel=1e-6)
+    assert tp2["norm1"] == pytest.approx(tp1["norm1_float64"], rel=1e-5)
+    assert tp1["norm1"] > CLIP  # so the later steps are clipped ones
+
+
+def test_replicated_params_stay_equal_over_tp(tp_runs):
+    agree = tp_runs[0]["replicas_agree"]
+    assert "decoder.layers.0.self_attention.q_layernorm.weight" in agree  # partial grads per rank
+    assert "decoder.final_layernorm.weight" in agree
+    assert all(agree.values()), agree
+
+
+def test_non_finite_grad_on_one_tp_rank_skips_the_step(tp_runs):
+    tp2, _ = tp_runs
+    for stepped, finite, unchanged, cleared in tp2["nonfinite"]:
+        assert not stepped and not finite
+        assert unchanged and cleared
+
+
+def test_sharded_checkpoint_tp2_resumes_at_tp1(tp_runs):
+    tp2, tp1 = tp_runs
+    for key in ("state", "bf16_state"):
+        saved, loaded = tp2[key], tp1[key]
+        assert sorted(saved) == sorted(loaded)
+        assert ("master" in saved) == (key == "bf16_state")
+        for kind in saved:
+            assert sorted(saved[kind]) == sorted(loaded[kind])
+            for name, t in saved[kind].items():
+                assert t.abs().sum() > 0, (key, kind, name)
+                assert torch.equal(t, loaded[kind][name]), (key, kind, name)
+    assert tp1["bf16_params_are_masters"]
+    # One more step from the resumed state (moments and step count) matches the TP=2 run's.
+    assert tp2["stepped2"] and tp2["stepped3"] and tp1["stepped3"]
+    for name, t in tp2["params3"].items():
+        torch.testing.assert_close(tp1["params3"][name], t, rtol=0, atol=2e-5)
+
+
+def _dp_body(ctx, hf_dir: str):
+    import torch.distributed as dist
+
+    _, model = _load_model(ctx, hf_dir)
+    params = list(model.parameters())
+    # Buckets smaller than the embedding: some hold one tensor, some several.
+    opt = _optimizer(ctx, model, clip_grad=None, bucket_numel=5000)
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    ref_opt = torch.optim.AdamW(ref, lr=LR, weight_decay=WD)
+    out = {"norms": []}
+    for step in (1, 2):
+        _backward(ctx, model, _batch(step, rank=ctx.dp_rank))  # different data on each rank
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        both = [torch.empty_like(flat) for _ in range(ctx.dp_size)]
+        dist.all_gather(both, flat, group=ctx.dp_group)
+        assert not torch.equal(both[0], both[1])
+        mean = (both[0] + both[1]) / 2
+        offset = 0
+        for r in ref:
+            r.grad = mean[offset:offset + r.numel()].view_as(r).clone()
+            offset += r.numel()
+        ref_opt.step()
+        out["norms"].append((opt.step().grad_norm, _norm([mean])))
+    out["diff_to_reference"] = max((p - r).abs().max().item() for p, r in zip(params, ref))
+    out["params"] = torch.cat([p.detach().reshape(-1) for p in params])
+
+    _backward(ctx, model, _batch(3, rank=ctx.dp_rank))
+    before = _snapshot(model, opt)
+    if ctx.dp_rank == 1:
+        params[2].grad.view(-1)[0] = math.inf
+    out["nonfinite"] = (opt.step().stepped, _unchanged(before, model, opt))
+    return out
+
+
+def test_data_parallel_step_is_one_step_on_the_mean_gradient(hf_dir):
+    ranks = run_distributed(_dp_body, 2, 1, args=(hf_dir,), timeout_s=TIMEOUT_S)
+    for out in ranks:
+        for norm, reference in out["norms"]:
+            assert norm == pytest.approx(reference, rel=1e-6)
+        assert out["diff_to_reference"] <= 1e-7
+        assert out["nonfinite"] == (False, True)
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
