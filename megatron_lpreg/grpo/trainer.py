@@ -212,27 +212,35 @@ class GRPOTrainer:
         adv = group_advantages(rewards, n, eps=self.cfg.grpo.adv_eps, normalize_std=self.cfg.grpo.normalize_adv_std)
         return RolloutBatch(input_ids, prompt_lens, graded.response_lens, adv, rewards=rewards)
 
-    def train_step(self) -> dict[str, float]:
-        c, step = self.cfg, self.step + 1
-        times = {}
-        t0 = time.perf_counter()
+    def collect(self, step: int):
+        """Rollout and rewards for ``step``: (graded rollout, training batch, truncated prompts)."""
         records = self._local_prompts(next(self.sampler))
         graded, truncated = self._rollout(records, step)
-        times["time/rollout"], times["time/reward"] = graded.generate_s, graded.reward_s
-        batch = self._rollout_batch(graded)
+        return graded, self._rollout_batch(graded), truncated
 
+    def learn(self, batch: RolloutBatch, loss_cfg=None) -> tuple[dict, MetricSums, list, dict[str, float]]:
+        """Old/proxy log-probs, then the policy updates: (scores, loss metrics, optimiser results, times)."""
+        c = self.cfg
+        loss_cfg = loss_cfg or c.loss
         t = time.perf_counter()
-        scores = score_rollouts(self.policy, batch, c.loss)
+        scores = score_rollouts(self.policy, batch, loss_cfg)
         batch.old_logprobs, batch.proxy_logprobs = scores["old_logprobs"], scores["proxy_logprobs"]
-        times["time/logprob"] = time.perf_counter() - t
-
+        times = {"time/logprob": time.perf_counter() - t}
         t = time.perf_counter()
         g = c.grpo
         loss_sums, results = train_on_rollouts(
-            self.policy, batch, c.loss, self.optimizer,
+            self.policy, batch, loss_cfg, self.optimizer,
             num_minibatches=g.prompts_per_step // g.mini_batch_prompts, epochs=g.epochs)
         times["time/train"] = time.perf_counter() - t
-        times["time/refit"] = self.refit()
+        return scores, loss_sums, results, times
+
+    def train_step(self) -> dict[str, float]:
+        step = self.step + 1
+        t0 = time.perf_counter()
+        graded, batch, truncated = self.collect(step)
+        scores, loss_sums, results, times = self.learn(batch)
+        times.update({"time/rollout": graded.generate_s, "time/reward": graded.reward_s,
+                      "time/refit": self.refit()})
 
         sums = self._rollout_metrics(graded, batch, scores, truncated)
         sums.merge(loss_sums)

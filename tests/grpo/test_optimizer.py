@@ -201,15 +201,17 @@ def _groups(model):
     return checkpointing.model_groups(len(model.decoder.layers))
 
 
-def _save(ctx, model, opt, directory: str) -> None:
-    """The model and, next to it, the optimizer, one dist_checkpointing save per group."""
+def _save(ctx, model, opt, directory: str, with_model: bool = True) -> None:
+    """The model (unless not ``with_model``) and the optimizer next to it, one dist_checkpointing
+    save per checkpoint group."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     from megatron_lpreg import checkpointing
 
     for group in _groups(model):
-        checkpointing.save_group(model, group, directory)
+        if with_model:
+            checkpointing.save_group(model, group, directory)
         path = Path(directory) / "optimizer" / group
         if ctx.rank == 0:
             path.mkdir(parents=True, exist_ok=True)
@@ -221,19 +223,20 @@ def _save(ctx, model, opt, directory: str) -> None:
     dist.barrier()
 
 
-def _load(model, opt, directory: str) -> None:
+def _load(model, opt, directory: str, with_model: bool = True) -> None:
     from megatron.core import dist_checkpointing
 
     from megatron_lpreg import checkpointing
 
     for group in _groups(model):
-        checkpointing.load_group(model, group, directory)
+        if with_model:
+            checkpointing.load_group(model, group, directory)
         sharded = opt.sharded_state_dict(checkpointing.group_sharded_state_dict(model, group))
         opt.load_sharded_state_dict(dist_checkpointing.load(sharded, str(Path(directory) / "optimizer" / group)))
     opt.load_scalar_state(json.loads((Path(directory) / "optimizer.json").read_text()))
 
 
-def _tp2_body(ctx, hf_dir: str, ckpt: str):
+def _tp2_part(ctx, hf_dir: str, ckpt: str):
     spec, model = _load_model(ctx, hf_dir)
     opt = _optimizer(ctx, model)
     params = dict(model.named_parameters())
@@ -267,12 +270,14 @@ def _tp2_body(ctx, hf_dir: str, ckpt: str):
     opt = _optimizer(ctx, model)
     _backward(ctx, model, _batch(1))
     opt.step()
-    _save(ctx, model, opt, f"{ckpt}/bf16")
+    _save(ctx, model, opt, f"{ckpt}/bf16", with_model=False)
     out["bf16_state"] = _full_state(ctx, spec, model, opt)
-    return out if ctx.rank == 0 else None
+    return out
 
 
-def _tp1_body(ctx, hf_dir: str, ckpt: str):
+def _tp1_part(ctx, hf_dir: str, ckpt: str):
+    """TP=1 (the same data on every DP rank, so averaging changes nothing): the reference norm,
+    and resuming the TP=2 run from its checkpoint."""
     spec, model = _load_model(ctx, hf_dir)
     opt = _optimizer(ctx, model)
     out = {}
@@ -280,10 +285,9 @@ def _tp1_body(ctx, hf_dir: str, ckpt: str):
     out["norm1_float64"] = _norm(p.grad for p in model.parameters())
     out["norm1"] = opt.step().grad_norm
 
-    # Resume the TP=2 run: freshly initialised weights, everything from the checkpoint.
     from megatron_lpreg.model import build_gpt_model
 
-    model = build_gpt_model(spec)
+    model = build_gpt_model(spec)  # freshly initialised: everything comes from the checkpoint
     opt = _optimizer(ctx, model)
     _load(model, opt, f"{ckpt}/fp32")
     out["state"] = _full_state(ctx, spec, model, opt)
@@ -293,66 +297,13 @@ def _tp1_body(ctx, hf_dir: str, ckpt: str):
 
     model = build_gpt_model(spec, torch.bfloat16)
     opt = _optimizer(ctx, model)
-    _load(model, opt, f"{ckpt}/bf16")
+    _load(model, opt, f"{ckpt}/bf16", with_model=False)
     out["bf16_state"] = _full_state(ctx, spec, model, opt)
-    out["bf16_params_are_masters"] = all(
-        torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(opt.params, opt.masters))
     return out
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return str(save_tiny_model(FAMILY, tmp_path_factory.mktemp("optimizer_hf") / FAMILY, seed=3))
-
-
-@pytest.fixture(scope="module")
-def tp_runs(hf_dir, tmp_path_factory):
-    ckpt = str(tmp_path_factory.mktemp("optimizer_ckpt"))
-    tp2 = run_distributed(_tp2_body, 2, 2, args=(hf_dir, ckpt), timeout_s=TIMEOUT_S)[0]
-    tp1 = run_distributed(_tp1_body, 1, 1, args=(hf_dir, ckpt), timeout_s=TIMEOUT_S)[0]
-    return tp2, tp1
-
-
-def test_grad_norm_is_the_unsharded_norm_at_tp1_and_tp2(tp_runs):
-    tp2, tp1 = tp_runs
-    assert tp1["norm1"] == pytest.approx(tp1["norm1_float64"], rel=1e-6)
-    assert tp2["norm1"] == pytest.approx(tp1["norm1_float64"], rel=1e-5)
-    assert tp1["norm1"] > CLIP  # so the later steps are clipped ones
-
-
-def test_replicated_params_stay_equal_over_tp(tp_runs):
-    agree = tp_runs[0]["replicas_agree"]
-    assert "decoder.layers.0.self_attention.q_layernorm.weight" in agree  # partial grads per rank
-    assert "decoder.final_layernorm.weight" in agree
-    assert all(agree.values()), agree
-
-
-def test_non_finite_grad_on_one_tp_rank_skips_the_step(tp_runs):
-    tp2, _ = tp_runs
-    for stepped, finite, unchanged, cleared in tp2["nonfinite"]:
-        assert not stepped and not finite
-        assert unchanged and cleared
-
-
-def test_sharded_checkpoint_tp2_resumes_at_tp1(tp_runs):
-    tp2, tp1 = tp_runs
-    for key in ("state", "bf16_state"):
-        saved, loaded = tp2[key], tp1[key]
-        assert sorted(saved) == sorted(loaded)
-        assert ("master" in saved) == (key == "bf16_state")
-        for kind in saved:
-            assert sorted(saved[kind]) == sorted(loaded[kind])
-            for name, t in saved[kind].items():
-                assert t.abs().sum() > 0, (key, kind, name)
-                assert torch.equal(t, loaded[kind][name]), (key, kind, name)
-    assert tp1["bf16_params_are_masters"]
-    # One more step from the resumed state (moments and step count) matches the TP=2 run's.
-    assert tp2["stepped2"] and tp2["stepped3"] and tp1["stepped3"]
-    for name, t in tp2["params3"].items():
-        torch.testing.assert_close(tp1["params3"][name], t, rtol=0, atol=2e-5)
-
-
-def _dp_body(ctx, hf_dir: str):
+def _dp_part(ctx, hf_dir: str):
+    """Different data on each DP rank: one step on the mean gradient, identical params."""
     import torch.distributed as dist
 
     _, model = _load_model(ctx, hf_dir)
@@ -363,7 +314,7 @@ def _dp_body(ctx, hf_dir: str):
     ref_opt = torch.optim.AdamW(ref, lr=LR, weight_decay=WD)
     out = {"norms": []}
     for step in (1, 2):
-        _backward(ctx, model, _batch(step, rank=ctx.dp_rank))  # different data on each rank
+        _backward(ctx, model, _batch(step, rank=ctx.dp_rank))
         flat = torch.cat([p.grad.reshape(-1) for p in params])
         both = [torch.empty_like(flat) for _ in range(ctx.dp_size)]
         dist.all_gather(both, flat, group=ctx.dp_group)
@@ -386,11 +337,73 @@ def _dp_body(ctx, hf_dir: str):
     return out
 
 
-def test_data_parallel_step_is_one_step_on_the_mean_gradient(hf_dir):
-    ranks = run_distributed(_dp_body, 2, 1, args=(hf_dir,), timeout_s=TIMEOUT_S)
-    for out in ranks:
+def _body(ctx, hf_dir: str, ckpt: str):
+    # One world for every part, re-initialised from TP=2 to TP=1 x DP=2 in between: starting the
+    # ranks (importing megatron) costs far more than the parts themselves.
+    from megatron_lpreg.parallel import init_distributed
+
+    tp2 = _tp2_part(ctx, hf_dir, ckpt)
+    ctx = init_distributed(tp_size=1, backend="gloo", timeout_s=TIMEOUT_S)
+    assert ctx.tp_size == 1 and ctx.dp_size == 2
+    return {"tp2": tp2, "tp1": _tp1_part(ctx, hf_dir, ckpt), "dp": _dp_part(ctx, hf_dir)}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return str(save_tiny_model(FAMILY, tmp_path_factory.mktemp("optimizer_hf") / FAMILY, seed=3))
+
+
+@pytest.fixture(scope="module")
+def runs(hf_dir, tmp_path_factory):
+    """(TP=2 results, TP=1 results, both of rank 0; per-rank DP=2 results)"""
+    ckpt = str(tmp_path_factory.mktemp("optimizer_ckpt"))
+    ranks = run_distributed(_body, 2, 2, args=(hf_dir, ckpt), timeout_s=TIMEOUT_S)
+    return ranks[0]["tp2"], ranks[0]["tp1"], [r["dp"] for r in ranks]
+
+
+def test_grad_norm_is_the_unsharded_norm_at_tp1_and_tp2(runs):
+    tp2, tp1, _ = runs
+    assert tp1["norm1"] == pytest.approx(tp1["norm1_float64"], rel=1e-6)
+    assert tp2["norm1"] == pytest.approx(tp1["norm1_float64"], rel=1e-5)
+    assert tp1["norm1"] > CLIP  # so the later steps are clipped ones
+
+
+def test_replicated_params_stay_equal_over_tp(runs):
+    agree = runs[0]["replicas_agree"]
+    assert "decoder.layers.0.self_attention.q_layernorm.weight" in agree  # partial grads per rank
+    assert "decoder.final_layernorm.weight" in agree
+    assert all(agree.values()), agree
+
+
+def test_non_finite_grad_on_one_rank_skips_the_step(runs):
+    tp2, _, dp = runs
+    for stepped, finite, unchanged, cleared in tp2["nonfinite"]:
+        assert not stepped and not finite
+        assert unchanged and cleared
+    assert [r["nonfinite"] for r in dp] == [(False, True), (False, True)]
+
+
+def test_sharded_checkpoint_tp2_resumes_at_tp1(runs):
+    tp2, tp1, _ = runs
+    for key in ("state", "bf16_state"):
+        saved, loaded = tp2[key], tp1[key]
+        assert sorted(saved) == sorted(loaded)
+        assert ("master" in saved) == (key == "bf16_state")
+        for kind in saved:
+            assert sorted(saved[kind]) == sorted(loaded[kind])
+            for name, t in saved[kind].items():
+                assert t.abs().sum() > 0, (key, kind, name)
+                assert torch.equal(t, loaded[kind][name]), (key, kind, name)
+    # One more step from the resumed state (moments and step count) matches the TP=2 run's.
+    assert tp2["stepped2"] and tp2["stepped3"] and tp1["stepped3"]
+    for name, t in tp2["params3"].items():
+        torch.testing.assert_close(tp1["params3"][name], t, rtol=0, atol=2e-5)
+
+
+def test_data_parallel_step_is_one_step_on_the_mean_gradient(runs):
+    dp = runs[2]
+    for out in dp:
         for norm, reference in out["norms"]:
             assert norm == pytest.approx(reference, rel=1e-6)
         assert out["diff_to_reference"] <= 1e-7
-        assert out["nonfinite"] == (False, True)
-    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    assert torch.equal(dp[0]["params"], dp[1]["params"])

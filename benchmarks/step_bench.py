@@ -1,0 +1,92 @@
+"""Where a GRPO step's time goes, and what Lp-Reg costs over plain GRPO, measured in one run.
+
+    python benchmarks/step_bench.py --config examples/tiny_cpu/config.yaml [--steps 4] [key=value ...]
+
+Each measured step runs as the trainer runs it (rollout, rewards, log-prob pass, updates, refit)
+with the configured loss. Before its updates, the same rollout batch is also put through the
+log-prob pass and the updates under the ``grpo`` preset (Lp-Reg off, same clip settings) and under
+Lp-Reg, in alternating order, each from a snapshot of the weights and optimiser that is restored
+afterwards. Comparing the two on identical data and weights, back to back, isolates what Lp-Reg
+adds (the proxy in the log-prob pass; selection and the regulariser in the loss) from rollout noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PHASES = ("time/rollout", "time/reward", "time/logprob", "time/train", "time/refit", "time/step")
+
+
+def _snapshot(trainer):
+    return ({k: v.clone() for k, v in trainer.model.state_dict().items() if v is not None},
+            copy.deepcopy(trainer.optimizer.state_dict()))
+
+
+def _restore(trainer, snap):
+    trainer.model.load_state_dict(snap[0], strict=False)
+    trainer.optimizer.load_state_dict(copy.deepcopy(snap[1]))
+
+
+def _timed_learn(trainer, batch, loss_cfg) -> float:
+    snap = _snapshot(trainer)
+    start = time.perf_counter()
+    trainer.learn(copy.copy(batch), loss_cfg)
+    elapsed = time.perf_counter() - start
+    _restore(trainer, snap)
+    return elapsed
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=4, help="measured steps (after one warm-up step)")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+    from megatron_lpreg.config import load_config
+    from megatron_lpreg.grpo.trainer import GRPOTrainer
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config(args.config, [*args.overrides, f"run_dir={run_dir}", "checkpoint.resume=never",
+                                        "logging.console=false"])
+        losses = {"lp_reg": dataclasses.replace(cfg.loss, enabled=True),
+                  "grpo": dataclasses.replace(cfg.loss, enabled=False)}
+        steps, paired = [], {"lp_reg": [], "grpo": []}
+        with GRPOTrainer(cfg) as trainer:
+            trainer.train_step()  # warm-up: first-call costs (allocator, lazy imports, reward workers)
+            for i in range(args.steps):
+                # The paired measurement draws the next rollout itself, then rewinds the sampler so
+                # the real step below trains on exactly that batch.
+                sampler_state = trainer.sampler.state_dict()
+                _, batch, _ = trainer.collect(trainer.step + 1)
+                order = ("lp_reg", "grpo") if i % 2 == 0 else ("grpo", "lp_reg")
+                for name in order:
+                    paired[name].append(_timed_learn(trainer, batch, losses[name]))
+                trainer.sampler.load_state_dict(sampler_state)
+                steps.append(trainer.train_step())
+
+    med = {k: statistics.median(m[k] for m in steps) for k in PHASES}
+    step_s = med["time/step"]
+    print(f"step-time breakdown ({cfg.loss.enabled and 'Lp-Reg' or 'GRPO'}, median of {args.steps} steps):")
+    for k in PHASES:
+        print(f"  {k:<16}{med[k]:>9.3f} s {med[k] / step_s:>7.1%}")
+    lp, gr = statistics.median(paired["lp_reg"]), statistics.median(paired["grpo"])
+    print(f"\nlog-prob pass + updates on identical batches: lp_reg {lp:.3f} s, grpo {gr:.3f} s, "
+          f"ratio {lp / gr:.3f}")
+    print(f"Lp-Reg overhead: {lp - gr:+.3f} s = {(lp - gr) / step_s:+.1%} of the step time")
+    print(f"(|S'| median {statistics.median(m.get('lpreg/selected', 0.0) for m in steps):.0f} tokens/step)")
+
+
+if __name__ == "__main__":
+    main()

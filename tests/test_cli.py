@@ -1,0 +1,52 @@
+"""The ``megatron-lpreg`` command line, run as a user runs it (a separate process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_lpreg.logging import read_metrics
+from tests.grpo.tiny_run import make_data, make_policy_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, timeout=300):
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "megatron_lpreg.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_writes_metrics_and_a_checkpoint(tmp_path):
+    policy = make_policy_dir(tmp_path / "policy")
+    data = make_data(tmp_path / "data")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {{path: {policy}, dtype: float32}}\n"
+        f"data: {{train_files: [{data['train']}], template: chat}}\n"
+        "rollout: {n: 2, max_tokens: 8}\n"
+        "reward: {function: 'tests.grpo.tiny_run:parity_reward'}\n"
+        "grpo: {steps: 2, prompts_per_step: 2, mini_batch_prompts: 2, micro_batch_tokens: 512}\n"
+        "validation: {every: 0}\n"
+    )
+    run_dir = tmp_path / "run"
+    proc = _cli("train", "--config", str(config), f"run_dir={run_dir}", "logging.console=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
+    assert "step 2/2" in proc.stdout
+    assert (run_dir / "checkpoints" / "step_000002" / "lpreg_checkpoint.json").exists()
+    assert (run_dir / "config.yaml").exists()
+
+
+def test_bad_settings_exit_2_naming_the_place(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("grpo:\n  steps: 3\n  prompts_per_stepp: 8\n")
+    proc = _cli("train", "--config", str(config))
+    assert proc.returncode == 2
+    assert f"{config}:3: grpo.prompts_per_stepp: unknown key" in proc.stderr
+    proc = _cli("train", "grpo.steps=many")
+    assert proc.returncode == 2 and "command line: grpo.steps: expected an integer" in proc.stderr
+    proc = _cli("train", f"model.path={tmp_path}")
+    assert proc.returncode == 2 and "has no config.json" in proc.stderr
