@@ -41,6 +41,7 @@ class ModelConfig:
     load: str | None = None  # start from this megatron-lpreg checkpoint instead of the HF weights
     dtype: str = "bfloat16"  # parameters and compute; fp32 master weights live in the optimiser
     use_te: bool | None = None  # None: Transformer Engine spec when it imports and CUDA is present
+    recompute: str = "none"  # none | full: re-run each layer in the backward (long responses)
 
 
 @dataclass
@@ -48,6 +49,9 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel size; data-parallel size = world size / tp
     backend: str | None = None  # None: nccl with CUDA, else gloo
     timeout_s: float = 1800.0  # a hung collective fails after this long
+    # Processes `megatron-lpreg train` starts on this machine when not launched by torchrun
+    # (default: tp, i.e. one model replica); under torchrun the launcher decides.
+    nproc: int | None = None
 
 
 @dataclass
@@ -153,6 +157,7 @@ class Config:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.recompute": ("none", "full"),
     "data.template": ("r1_zero", "chat", "raw"),
     "data.on_error": ("raise", "skip"),
     "rollout.engine": ("auto", "hf", "vllm"),

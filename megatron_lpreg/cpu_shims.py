@@ -6,7 +6,9 @@ GPU is present, because each shim changes global torch or megatron state.
 2. A CPU RNG tracker in place of megatron's CUDA one: its tracker forks ``torch.cuda`` generator
    states for tensor-parallel weight init and dropout.
 3. ``torch.cuda.synchronize`` -> no-op: dist_checkpointing calls it around saves and loads.
-4. ``causal_attention_mask``: megatron's default causal mask is created on "cuda", so CPU callers
+4. megatron's CUDA RNG state get/set -> the CPU generator: activation recomputation saves and
+   restores it around each recomputed layer.
+5. ``causal_attention_mask``: megatron's default causal mask is created on "cuda", so CPU callers
    pass this explicit one.
 """
 
@@ -75,6 +77,11 @@ def apply() -> None:
     _ORIGINALS["current_device"] = torch.cuda.current_device
     _ORIGINALS["synchronize"] = torch.cuda.synchronize
     _ORIGINALS["tracker"] = (mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED)
+    _ORIGINALS["rng_state"] = (mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state)
+    # Activation recomputation saves and restores "the CUDA RNG state" around each layer; on CPU
+    # the CPU generator (which megatron restores itself) is the whole state.
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda device=None: None
     mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
@@ -90,6 +97,7 @@ def remove() -> None:
     torch.cuda.current_device = _ORIGINALS["current_device"]
     torch.cuda.synchronize = _ORIGINALS["synchronize"]
     mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = _ORIGINALS["tracker"]
+    mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = _ORIGINALS["rng_state"]
     _ORIGINALS.clear()
 
 

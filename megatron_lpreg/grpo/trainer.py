@@ -93,7 +93,7 @@ class GRPOTrainer:
         self.spec = parse_hf_config(hf_dir)
         dtype = getattr(torch, cfg.model.dtype)
         self.te = transformer_engine_available() if cfg.model.use_te is None else cfg.model.use_te
-        self.model = build_gpt_model(self.spec, dtype, self.te)
+        self.model = build_gpt_model(self.spec, dtype, self.te, recompute=cfg.model.recompute)
         if cfg.model.load:
             ckpt.load_model(self.model, cfg.model.load)
         else:

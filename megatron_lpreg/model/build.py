@@ -28,10 +28,22 @@ def transformer_engine_available() -> bool:
     return True
 
 
+RECOMPUTE = ("none", "full")
+
+
 def transformer_config(
-    spec: ModelSpec, tp_size: int, dtype: torch.dtype = torch.float32, use_te: bool = False
+    spec: ModelSpec, tp_size: int, dtype: torch.dtype = torch.float32, use_te: bool = False,
+    recompute: str = "none",
 ):
-    """megatron-core's TransformerConfig for ``spec`` at TP ``tp_size``."""
+    """megatron-core's TransformerConfig for ``spec`` at TP ``tp_size``.
+
+    ``recompute="full"`` keeps only each layer's input for the backward and re-runs the layer
+    (megatron's full/uniform recomputation, one layer per checkpoint): activations of long
+    responses then cost layers x tokens x hidden, not the whole working set of every layer.
+    """
+    if recompute not in RECOMPUTE:
+        raise ModelBuildError(f"recompute={recompute!r}: expected one of {list(RECOMPUTE)}")
+    full = recompute == "full"
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
@@ -65,6 +77,9 @@ def transformer_config(
         apply_rope_fusion=use_te,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        recompute_granularity="full" if full else None,
+        recompute_method="uniform" if full else None,
+        recompute_num_layers=1 if full else None,
     )
 
 
@@ -73,6 +88,7 @@ def build_gpt_model(
     dtype: torch.dtype = torch.float32,
     use_te: bool | None = None,
     vocab_padding_tp: int | None = None,
+    recompute: str = "none",
 ):
     """A megatron-core GPTModel for ``spec`` on this TP rank (TP size from ``parallel_state``).
 
@@ -102,7 +118,7 @@ def build_gpt_model(
         # normalization="RMSNorm" selects torch's RMSNorm (the default would be apex/LayerNorm).
         layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
     model = GPTModel(
-        config=transformer_config(spec, tp_size, dtype, use_te),
+        config=transformer_config(spec, tp_size, dtype, use_te, recompute),
         transformer_layer_spec=layer_spec,
         vocab_size=padded_vocab_size(spec.vocab_size, vocab_padding_tp or tp_size),
         max_sequence_length=spec.max_position_embeddings,
