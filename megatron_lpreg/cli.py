@@ -1,7 +1,12 @@
 """``megatron-lpreg``: the command line.
 
-    megatron-lpreg train --config FILE [key=value ...]     GRPO + Lp-Reg (run under torchrun for TP x DP)
+    megatron-lpreg train [--config FILE] [key=value ...]   GRPO + Lp-Reg; no --config: the CPU demo
+    megatron-lpreg evaluate --ckpt DIR --data FILE ...      avg@k per data_source of a checkpoint
+    megatron-lpreg plan --model qwen3-14b --nodes 8 --tp 8  per-GPU memory, before a launch
+    megatron-lpreg plot RUN_DIR [RUN_DIR ...]              paper-style figures, runs overlaid
 
+``train`` starts its own ranks (``parallel.nproc``, default one TP group) when not under torchrun;
+under ``torchrun ... -m megatron_lpreg.cli train ...`` the launcher's ranks are used as they are.
 A configuration, data or checkpoint problem exits with status 2 and one line saying where it is.
 """
 
@@ -9,29 +14,105 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
+
+import yaml
 
 from megatron_lpreg.checkpointing import CheckpointError
-from megatron_lpreg.config import ConfigError, load_config
+from megatron_lpreg.config import ConfigError, config_to_dict, load_config
 from megatron_lpreg.data import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "examples" / "tiny_cpu" / "config.yaml"
 
 
-def _train(args) -> None:
+def _uses_demo_assets(config: str | None, cfg) -> bool:
+    """The demo config with its own model path (not one the user pointed elsewhere)."""
+    if config is not None and Path(config).resolve() != DEMO_CONFIG:
+        return False
+    return cfg.model.path == load_config(DEMO_CONFIG).model.path
+
+
+def _prepare_demo(cfg) -> None:
+    """The demo's model and prompts are built on first use (about a minute), then reused."""
+    sys.path.insert(0, str(REPO))
+    from examples.tiny_cpu.prepare import is_complete, prepare
+
+    out = Path(cfg.model.path).parent
+    if not is_complete(out):
+        print(f"megatron-lpreg: preparing the demo model and data in {out} (once)", flush=True)
+        prepare(out)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _train(args) -> int:
+    from megatron_lpreg.launch import local_processes, relaunch, under_launcher
+
+    config = args.config
+    if config is None:
+        if not DEMO_CONFIG.exists():
+            raise ConfigError("no --config given and the demo config examples/tiny_cpu/config.yaml is not here")
+        config = str(DEMO_CONFIG)
+    cfg = load_config(config, args.overrides)
+    if not under_launcher():
+        if _uses_demo_assets(args.config, cfg):
+            _prepare_demo(cfg)
+        nproc = local_processes(cfg)
+        if nproc > 1:
+            argv = ["train", "--config", config, *args.overrides]
+            if args.max_steps is not None:
+                argv += ["--max-steps", str(args.max_steps)]
+            if args.dry_run:
+                argv.append("--dry-run")
+            return relaunch(nproc, argv)
+    if _rank() == 0:
+        print("# resolved configuration\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False), flush=True)
+    if args.dry_run:
+        return _dry_run(cfg)
+
     from megatron_lpreg.grpo.trainer import GRPOTrainer
-    from megatron_lpreg.parallel import destroy_distributed
 
-    cfg = load_config(args.config, args.overrides)
     try:
         with GRPOTrainer(cfg) as trainer:
             trainer.fit(max_steps=args.max_steps)
     finally:
-        destroy_distributed()
+        _shutdown()
+    return 0
+
+
+def _dry_run(cfg) -> int:
+    """Bring up the process groups as a real run would, report the layout, and stop."""
+    from megatron_lpreg.parallel import init_distributed
+
+    try:
+        ctx = init_distributed(cfg.parallel.tp, cfg.parallel.backend, cfg.parallel.timeout_s, seed=cfg.grpo.seed)
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.destroy_process_group()
+            dist.barrier()
+        # One write per line: the ranks share stdout, and print() writes the newline separately.
+        sys.stdout.write(f"dry run: rank {ctx.rank}/{ctx.world_size} tp_rank {ctx.tp_rank}/{ctx.tp_size} "
+                         f"dp_rank {ctx.dp_rank}/{ctx.dp_size} backend {ctx.backend}\n")
+        sys.stdout.flush()
+    finally:
+        _shutdown()
+    return 0
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    from megatron_lpreg.parallel import destroy_distributed
+
+    destroy_distributed()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,13 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run GRPO with Lp-Reg",
-                           description="Run GRPO with Lp-Reg. Settings: defaults < --config < key=value.")
+                           description="Run GRPO with Lp-Reg. Settings: defaults < --config < key=value. "
+                                       "Without --config: the CPU demo (examples/tiny_cpu).")
     train.add_argument("--config", help="YAML run configuration (see examples/)")
     train.add_argument("--max-steps", type=int, default=None,
                        help="stop after this many steps of this invocation (resume continues later)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="start the ranks and process groups, print the layout, and exit")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. grpo.steps=10 loss.preset=grpo run_dir=runs/x")
     train.set_defaults(func=_train)
+    from megatron_lpreg import evaluate, plan, plot
+
+    for name, module, help_text in (
+        ("evaluate", evaluate, "avg@k of a checkpoint on prompt files"),
+        ("plan", plan, "per-GPU memory estimate for a run"),
+        ("plot", plot, "figures of one or more runs"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
 
 
@@ -53,11 +148,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        return int(args.func(args) or 0)
     except USER_ERRORS as e:
         print(f"megatron-lpreg: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -108,6 +108,8 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     clip_grad: float = 1.0
+    # ZeRO-1: fp32 masters and AdamW moments sharded over data-parallel ranks (used when DP > 1).
+    distributed_optimizer: bool = True
 
 
 @dataclass

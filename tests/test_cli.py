@@ -50,3 +50,15 @@ def test_bad_settings_exit_2_naming_the_place(tmp_path):
     assert proc.returncode == 2 and "command line: grpo.steps: expected an integer" in proc.stderr
     proc = _cli("train", f"model.path={tmp_path}")
     assert proc.returncode == 2 and "has no config.json" in proc.stderr
+
+
+def test_train_starts_its_own_ranks_without_torchrun(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("parallel: {tp: 2, backend: gloo}\n")
+    env_free = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "megatron_lpreg.cli", "train", "--config", str(config),
+                           "--dry-run"], cwd=ROOT, env=env_free, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(2):
+        assert f"dry run: rank {rank}/2 tp_rank {rank}/2 dp_rank 0/1 backend gloo" in proc.stdout
+    assert proc.stdout.count("# resolved configuration") == 1  # printed by rank 0 only

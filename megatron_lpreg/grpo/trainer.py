@@ -101,7 +101,8 @@ class GRPOTrainer:
         o = cfg.optim
         self.optimizer = PolicyOptimizer(
             self.model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
-            dp_group=self.dp_group, tp_group=self.tp_group)
+            dp_group=self.dp_group, tp_group=self.tp_group,
+            shard_over_dp=o.distributed_optimizer and ctx.dp_size > 1)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0] \
             if self.stop_ids else 0
         self.policy = PolicyContext(

@@ -1,6 +1,7 @@
 """PolicyOptimizer: AdamW references for clipping and bf16 masters (one process, a toy module);
 grad norm across TP shards, data-parallel averaging, non-finite skips and sharded checkpoints
-resharded TP=2 -> TP=1 (gloo ranks, a tiny Qwen3)."""
+resharded TP=2 -> TP=1 (gloo ranks, a tiny Qwen3). shard_over_dp (ZeRO-1): the same steps as
+without it, 1/DP of the state, and checkpoints that load in either mode and layout."""
 
 from __future__ import annotations
 
@@ -113,6 +114,39 @@ def test_set_lr_and_plain_state_dict_round_trip():
     assert twin_opt.scalar_state() == {"step": 3}
     for a, b in zip(opt.masters, twin_opt.masters):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shard_over_one_rank_is_the_unsharded_optimizer(dtype):
+    """DP=1: the slice is the whole flat buffer; every step, norm and state is bit-identical."""
+    model = _toy(dtype)
+    twin = copy.deepcopy(model)
+    kw = {"lr": 0.01, "weight_decay": 0.1, "clip_grad": CLIP}
+    opt, sharded = PolicyOptimizer(model, **kw), PolicyOptimizer(twin, shard_over_dp=True, **kw)
+    assert [m.shape for m in sharded.masters] == [(sum(p.numel() for p in model.parameters()),)]
+    for step, scale in enumerate((0.05, 100.0, 0.5)):
+        for o in (opt, sharded):
+            _set_grads(o.model.parameters(), scale, seed=step)
+            if step == 1:
+                next(o.model.parameters()).grad = None
+        assert opt.step() == sharded.step()
+        assert all(p.grad is None for p in twin.parameters())
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p, q)
+    for n, _ in model.named_parameters():
+        a, b = opt.param_state(n), sharded.param_state(n)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert sharded.scalar_state() == {"step": 3}
+
+    buf = io.BytesIO()
+    torch.save(sharded.state_dict(), buf)
+    buf.seek(0)
+    resumed = PolicyOptimizer(copy.deepcopy(twin), shard_over_dp=True, **{**kw, "lr": 5.0})
+    resumed.load_state_dict(torch.load(buf))
+    for o in (sharded, resumed):
+        _set_grads(o.model.parameters(), 1.0, seed=7)
+        o.step()
+    assert torch.equal(sharded.masters[0], resumed.masters[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,15 +371,104 @@ def _dp_part(ctx, hf_dir: str):
     return out
 
 
+def _state_numel(opt) -> int:
+    """Elements of this rank's optimizer tensors: fp32 masters that are not the params, moments."""
+    params = {id(p) for p in opt.params}
+    masters = sum(m.numel() for m in opt.masters if id(m) not in params)
+    return masters + sum(t.numel() for st in opt.optimizer.state.values() for k, t in st.items() if k != "step")
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _shard_part(ctx, hf_dir: str, ckpt: str):
+    """TP=1 x DP=2, different data per rank: shard_over_dp against the unsharded optimizer; its
+    non-finite skips; its checkpoints saved, and the TP=2 unsharded ones loaded."""
+    from megatron_lpreg.model import build_gpt_model
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        key = str(dtype).removeprefix("torch.")
+        spec, model = _load_model(ctx, hf_dir, dtype)
+        _, twin = _load_model(ctx, hf_dir, dtype)
+        opt, sharded = _optimizer(ctx, model), _optimizer(ctx, twin, shard_over_dp=True)
+        res = {"norms": []}
+        for step in (1, 2):  # clipped steps: the norm is above CLIP
+            _backward(ctx, model, _batch(step, rank=ctx.dp_rank))
+            for p, q in zip(model.parameters(), twin.parameters()):
+                q.grad = p.grad.clone()
+            res["norms"].append((opt.step().grad_norm, sharded.step().grad_norm))
+        pairs = list(zip(model.parameters(), twin.parameters()))
+        res["param_diff"] = max((p.float() - q.float()).abs().max().item() for p, q in pairs)
+        res["params_equal"] = all(torch.equal(p, q) for p, q in pairs)
+        res["state_diff"] = max(_max_diff(opt.param_state(n), sharded.param_state(n))
+                                for n, _ in model.named_parameters())
+        res["numel"] = (_state_numel(opt), _state_numel(sharded))
+        res["params"] = torch.cat([q.detach().float().reshape(-1) for q in twin.parameters()])
+        _save(ctx, twin, sharded, f"{ckpt}/shard_{key}", with_model=dtype == torch.float32)
+        res["state"] = _full_state(ctx, spec, twin, sharded)
+        out[key] = res
+
+    # A bad gradient on one rank, landing in the other rank's slice or its own.
+    params = list(twin.parameters())
+    out["nonfinite"] = []
+    for index, rank, value in ((0, 1, math.inf), (-1, 0, math.nan)):
+        _backward(ctx, twin, _batch(3, rank=ctx.dp_rank))
+        before = _snapshot(twin, sharded)
+        if ctx.dp_rank == rank:
+            params[index].grad.view(-1)[-1] = value
+        result = sharded.step()
+        out["nonfinite"].append((result.stepped, math.isfinite(result.grad_norm),
+                                 _unchanged(before, twin, sharded), all(p.grad is None for p in params)))
+
+    # The unsharded TP=2 checkpoints, loaded sharded over DP=2; one more step on the TP=2 run's data.
+    model = build_gpt_model(spec)
+    opt = _optimizer(ctx, model, shard_over_dp=True)
+    _load(model, opt, f"{ckpt}/fp32")
+    out["from_tp2"] = {"state": _full_state(ctx, spec, model, opt)}
+    _backward(ctx, model, _batch(3))
+    out["from_tp2"]["stepped3"] = opt.step().stepped
+    out["from_tp2"]["params3"] = _full(ctx, spec, dict(model.named_parameters()))
+    model = build_gpt_model(spec, torch.bfloat16)
+    opt = _optimizer(ctx, model, shard_over_dp=True)
+    _load(model, opt, f"{ckpt}/bf16", with_model=False)
+    out["from_tp2"]["bf16_state"] = _full_state(ctx, spec, model, opt)
+    return out
+
+
+def _shard_tp2_part(ctx, hf_dir: str, ckpt: str):
+    """TP=2 (DP=1): the DP=2 sharded checkpoints loaded unsharded; the sharded norm at TP=2."""
+    from megatron_lpreg.model import build_gpt_model
+
+    spec, model = _load_model(ctx, hf_dir)
+    opt = _optimizer(ctx, model, shard_over_dp=True)
+    _backward(ctx, model, _batch(1))
+    out = {"norm1": opt.step().grad_norm}
+    model = build_gpt_model(spec)
+    opt = _optimizer(ctx, model)
+    _load(model, opt, f"{ckpt}/shard_float32")
+    out["state"] = _full_state(ctx, spec, model, opt)
+    model = build_gpt_model(spec, torch.bfloat16)
+    opt = _optimizer(ctx, model)
+    _load(model, opt, f"{ckpt}/shard_bfloat16", with_model=False)
+    out["bf16_state"] = _full_state(ctx, spec, model, opt)
+    return out
+
+
 def _body(ctx, hf_dir: str, ckpt: str):
-    # One world for every part, re-initialised from TP=2 to TP=1 x DP=2 in between: starting the
-    # ranks (importing megatron) costs far more than the parts themselves.
+    # One world for every part, re-initialised from TP=2 to TP=1 x DP=2 and back in between:
+    # starting the ranks (importing megatron) costs far more than the parts themselves.
     from megatron_lpreg.parallel import init_distributed
 
     tp2 = _tp2_part(ctx, hf_dir, ckpt)
     ctx = init_distributed(tp_size=1, backend="gloo", timeout_s=TIMEOUT_S)
     assert ctx.tp_size == 1 and ctx.dp_size == 2
-    return {"tp2": tp2, "tp1": _tp1_part(ctx, hf_dir, ckpt), "dp": _dp_part(ctx, hf_dir)}
+    out = {"tp2": tp2, "tp1": _tp1_part(ctx, hf_dir, ckpt), "dp": _dp_part(ctx, hf_dir),
+           "shard": _shard_part(ctx, hf_dir, ckpt)}
+    ctx = init_distributed(tp_size=2, backend="gloo", timeout_s=TIMEOUT_S)
+    out["shard_tp2"] = _shard_tp2_part(ctx, hf_dir, ckpt)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -354,10 +477,14 @@ def hf_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(hf_dir, tmp_path_factory):
-    """(TP=2 results, TP=1 results, both of rank 0; per-rank DP=2 results)"""
+def ranks(hf_dir, tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("optimizer_ckpt"))
-    ranks = run_distributed(_body, 2, 2, args=(hf_dir, ckpt), timeout_s=TIMEOUT_S)
+    return run_distributed(_body, 2, 2, args=(hf_dir, ckpt), timeout_s=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def runs(ranks):
+    """(TP=2 results, TP=1 results, both of rank 0; per-rank DP=2 results)"""
     return ranks[0]["tp2"], ranks[0]["tp1"], [r["dp"] for r in ranks]
 
 
@@ -407,3 +534,67 @@ def test_data_parallel_step_is_one_step_on_the_mean_gradient(runs):
             assert norm == pytest.approx(reference, rel=1e-6)
         assert out["diff_to_reference"] <= 1e-7
     assert torch.equal(dp[0]["params"], dp[1]["params"])
+
+
+# ---------------------------------------------------------------------------------------------
+# shard_over_dp
+
+
+def test_sharded_steps_match_unsharded_at_dp2(ranks):
+    for r in ranks:
+        for key in ("float32", "bfloat16"):
+            res = r["shard"][key]
+            for norm, sharded_norm in res["norms"]:
+                assert norm > CLIP
+                assert sharded_norm == pytest.approx(norm, rel=1e-6)
+            assert res["param_diff"] <= 1e-6, key  # fp32 params, bf16 ones
+            assert res["state_diff"] <= 1e-6, key  # masters and moments
+        assert r["shard"]["bfloat16"]["params_equal"]  # the masters round to the same bf16
+    for key in ("float32", "bfloat16"):  # the all-gather leaves every DP rank the same params
+        assert torch.equal(ranks[0]["shard"][key]["params"], ranks[1]["shard"][key]["params"])
+
+
+def test_sharded_state_is_half_per_rank_at_dp2(ranks):
+    for r in ranks:
+        full, half = r["shard"]["bfloat16"]["numel"]
+        assert half == pytest.approx(full / 2, abs=3)  # master + moments of a padded half
+        full, half = r["shard"]["float32"]["numel"]
+        assert half == pytest.approx(full * 3 / 4, abs=3)  # + a master slice an fp32 model lacks
+
+
+def test_sharded_non_finite_grad_on_one_rank_skips_everywhere(ranks):
+    for r in ranks:
+        for stepped, finite, unchanged, cleared in r["shard"]["nonfinite"]:
+            assert not stepped and not finite
+            assert unchanged and cleared
+
+
+def test_sharded_grad_norm_at_tp2(ranks):
+    assert ranks[0]["shard_tp2"]["norm1"] == pytest.approx(ranks[0]["tp2"]["norm1"], rel=1e-6)
+
+
+def _assert_same_state(saved: dict, loaded: dict, master: bool) -> None:
+    assert sorted(saved) == sorted(loaded) and ("master" in saved) == master
+    for kind in saved:
+        assert sorted(saved[kind]) == sorted(loaded[kind])
+        for name, t in saved[kind].items():
+            assert t.abs().sum() > 0, (kind, name)
+            assert torch.equal(t, loaded[kind][name]), (kind, name)
+
+
+def test_sharded_dp2_checkpoint_loads_unsharded_at_tp2(ranks):
+    shard, loaded = ranks[0]["shard"], ranks[0]["shard_tp2"]
+    _assert_same_state(shard["float32"]["state"], loaded["state"], master=False)
+    _assert_same_state(shard["bfloat16"]["state"], loaded["bf16_state"], master=True)
+
+
+def test_unsharded_tp2_checkpoint_loads_sharded_at_dp2(ranks):
+    tp2 = ranks[0]["tp2"]
+    for r in ranks:
+        loaded = r["shard"]["from_tp2"]
+        _assert_same_state(tp2["state"], loaded["state"], master=False)
+        _assert_same_state(tp2["bf16_state"], loaded["bf16_state"], master=True)
+        # The resumed step (moments, step count, fp32 weights from the model) matches TP=2's.
+        assert loaded["stepped3"]
+        for name, t in tp2["params3"].items():
+            torch.testing.assert_close(loaded["params3"][name], t, rtol=0, atol=2e-5)

@@ -1,0 +1,99 @@
+"""Score a checkpoint with the validation protocol: avg@k per ``data_source``.
+
+    megatron-lpreg evaluate --ckpt DIR --data aime24.jsonl math500.parquet [--samples aime=16,amc=16]
+
+``--ckpt`` is a HF model directory or a megatron-lpreg checkpoint (a training step or a converted
+model; its weights reach the engine through the same refit as in training). Sources named in
+``--samples`` are sampled k times at ``--temperature``; the rest are decoded greedily once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from megatron_lpreg.config import ConfigError, DataConfig, ValidationConfig
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--ckpt", required=True, help="HF model directory or megatron-lpreg checkpoint")
+    p.add_argument("--data", required=True, nargs="+", help="prompt files (JSONL / Parquet, verl schema)")
+    p.add_argument("--samples", default="aime=16,aime25=16,amc=16",
+                   help="data_source=k pairs sampled k times (others: greedy once); '' for all greedy")
+    p.add_argument("--temperature", type=float, default=0.6, help="temperature of the sampled sources")
+    p.add_argument("--max-tokens", type=int, default=8192, help="response length")
+    p.add_argument("--template", default=DataConfig.template, choices=("r1_zero", "chat", "raw"))
+    p.add_argument("--max-prompt-len", type=int, default=DataConfig.max_prompt_len)
+    p.add_argument("--max-samples", type=int, default=None, help="prompts per file")
+    p.add_argument("--reward-workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the scores as JSON here")
+
+
+def _samples(text: str) -> dict[str, int]:
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        source, sep, k = item.partition("=")
+        if not sep or not k.strip().isdigit() or int(k) < 1:
+            raise ConfigError(f"--samples: {item!r} is not data_source=k with k >= 1")
+        out[source.strip()] = int(k)
+    return out
+
+
+def load_engine(ckpt: Path):
+    """(engine, tokenizer directory) for a HF directory or a megatron-lpreg checkpoint."""
+    import torch
+
+    from megatron_lpreg import checkpointing
+    from megatron_lpreg.rollout.hf_engine import HFEngine
+
+    if not checkpointing.is_complete(ckpt):
+        if not (ckpt / "config.json").exists():
+            raise ConfigError(f"--ckpt {ckpt}: neither a HF model directory nor a complete megatron-lpreg checkpoint")
+        return HFEngine.from_pretrained(ckpt), ckpt
+    from transformers import AutoConfig
+
+    from megatron_lpreg.model import parse_hf_config
+    from megatron_lpreg.model.build import build_gpt_model
+    from megatron_lpreg.parallel import init_distributed
+    from megatron_lpreg.weights.refit import stream_hf_weights
+
+    hf = ckpt / checkpointing.HF_DIR
+    ctx = init_distributed(1)
+    spec = parse_hf_config(hf)
+    model = build_gpt_model(spec, torch.float32, use_te=False)
+    checkpointing.load_model(model, ckpt)
+    engine = HFEngine.from_config(AutoConfig.from_pretrained(hf))
+    for bucket in stream_hf_weights(model, spec, tp_group=ctx.tp_group):
+        engine.update_weights(bucket)
+    del model
+    return engine, hf
+
+
+def run(args) -> int:
+    from transformers import AutoTokenizer
+
+    from megatron_lpreg.data import encode_prompts, load_prompt_dataset
+    from megatron_lpreg.grpo.trainer import stop_token_ids
+    from megatron_lpreg.grpo.validation import validate
+    from megatron_lpreg.rewards import RewardPool
+
+    vcfg = ValidationConfig(samples=_samples(args.samples), sampled_temperature=args.temperature)
+    engine, tok_dir = load_engine(Path(args.ckpt))
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    records = load_prompt_dataset(args.data, max_samples=args.max_samples)
+    prompt_ids, _ = encode_prompts(list(records), tokenizer, args.template, args.max_prompt_len)
+    with RewardPool(args.reward_workers) as pool:
+        scores = validate(engine, pool, tokenizer, records, prompt_ids, vcfg, max_tokens=args.max_tokens,
+                          stop_ids=stop_token_ids(tokenizer, Path(tok_dir)), seed=args.seed, dp_rank=0,
+                          dp_size=1, dp_group=None, on_engine_rank=True)
+    width = max(len(k) for k in scores)
+    for key, value in scores.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    if args.out:
+        tmp = f"{args.out}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"ckpt": str(args.ckpt), "data": args.data, **scores}, f, indent=2)
+        os.replace(tmp, args.out)
+    return 0

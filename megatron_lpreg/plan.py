@@ -1,0 +1,462 @@
+"""Per-GPU memory of a run, before it is launched: does it fit, and if not, what to change.
+
+    megatron-lpreg plan --model qwen3-14b --nodes 8 --tp 8
+    megatron-lpreg plan --model /models/Qwen2.5-32B --config run.yaml --tp 8 --json
+
+Exit status 0: every phase fits in --gpu-memory-gib; 3: one does not (a WARNING line names it and
+what to change); 2: a bad model, configuration or layout. These are estimates from the model's
+shape, not measurements. Notation: per GPU, t = TP size, a = bytes of the model dtype, P =
+parameters held on this GPU, T = tokens of one micro-batch, L layers, h hidden, f FFN, q = heads *
+head_dim, kv = kv_heads * head_dim, V' = vocabulary padded as megatron pads it (multiple of 128 t).
+
+Parameters (exact): embedding V h; per layer q/k/v/o h (q + 2 kv) + q h, q/k/v biases q + 2 kv
+(Qwen2), q/k RMSNorms 2 head_dim (Qwen3), MLP 3 h f, two RMSNorms 2 h; final norm h; output layer
+V h unless tied. On one GPU: the TP-sharded tensors (linears, biases, embedding/output over V') / t
+plus the replicated ones (RMSNorm weights).
+
+Training state (grpo/optimizer.py: torch AdamW over fp32 masters): weights a P + gradients a P
+(param dtype) + fp32 master 4 P (none for an fp32 model) + exp_avg and exp_avg_sq 8 P = 16 B/param
+in bf16. The step itself casts every gradient to fp32 (+4 P) and foreach AdamW allocates
+sqrt(exp_avg_sq) for all parameters at once (+4 P): 24 B/param while it runs (no activations then).
+zero_grad drops the gradients afterwards, so 14 B/param stay resident through the rollout.
+--distributed-optimizer (the default; PolicyOptimizer(shard_over_dp=True), ZeRO-1) keeps master
+(also for an fp32 model) and moments for 1/DP of the parameters: 12/DP B/param, and sqrt(v) is
+4/DP; the flat fp32 gradient buffer that is reduce-scattered stays 4 P. The formulas below are
+written for the unsharded optimizer; with it, read 12/DP for the 12 B of master and moments.
+
+Activations of one micro-batch, T = max(micro_batch_tokens, prompt + response) (a longer sequence
+is a micro-batch by itself); no sequence parallelism (model/build.py does not enable it), dropout 0.
+Per layer and token, Korthikanti et al. 2022 (sbh (10 + 24/t + 5as/ht)) adapted to RMSNorm, SwiGLU,
+GQA and no dropout masks:
+    replicated   4 h a             inputs of the two norms, of linear_qkv and of linear_fc1
+    sharded / t  (q + 2 kv) a      q, k, v  [+ (q + kv) a: inputs of the q/k norms, Qwen3]
+                 + q a             attention output = linear_proj input
+                 + 3 f a           fc1 output (gate | up) and the SwiGLU output
+    none         + 4 heads / t     flash attention's log-sum-exp (unfused: + a heads s / t softmax
+                                   probabilities and 2 (q - kv) a / t of K/V expanded to every head)
+    selective    core attention recomputed: without the "none" line
+    full         only each layer's input h a is kept, plus one layer's "none" set while recomputed
+Plus the final-norm and output-layer inputs 2 h a, and the logits shard T V'/t a three times (kept
+for the loss backward, its gradient, the copy of GPTModel's transpose) + the loss's fp32 chunks.
+
+vLLM engine, colocated at the training TP: it reserves util * memory, holding its weights (a P),
+~2 GiB of runtime (profiling peak, sampler, CUDA graphs) and the KV cache at 2 L kv_heads/t
+head_dim kv_bytes per token. One engine per DP replica generates prompts_per_step/dp * n sequences
+of prompt + response tokens; fewer KV tokens than that means waves (slower, not an OOM); fewer than
+one sequence means vLLM refuses to start. Asleep (level 1: KV cache freed, weights offloaded to the
+CPU) it keeps ~0.5 GiB.
+
+Peaks, each + 3 GiB of CUDA context, NCCL buffers and allocator slack:
+    training micro-batch = 16 B/param state + activations + asleep engine
+    optimizer step       = 16 B/param state + 8 B/param step temporaries + asleep engine
+    rollout              = 14 B/param (weights, master, moments) + the engine's reservation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+from megatron_lpreg.config import ConfigError, load_config
+from megatron_lpreg.model import ModelConfigError, ModelSpec, check_tp, padded_vocab_size, parse_hf_config
+
+GIB = 1024**3
+CUDA_OVERHEAD_GIB = 3.0  # CUDA context, NCCL buffers, caching-allocator fragmentation
+ENGINE_RUNTIME_GIB = 2.0  # vLLM's profiled activation peak, sampler and CUDA graphs
+ENGINE_ASLEEP_GIB = 0.5  # what a level-1-asleep engine keeps on the GPU
+LOSS_CHUNK_BYTES = 3 * (4 << 20)  # the loss's fp32 chunk workspaces (loss/shards.DEFAULT_CHUNK_BYTES)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RECOMPUTE = ("none", "selective", "full")
+
+_QWEN = {"hidden_act": "silu", "rope_theta": 1000000.0, "torch_dtype": "bfloat16",
+         "tie_word_embeddings": False, "use_sliding_window": False}
+# HF config.json values of the base checkpoints the paper trains (and smaller relatives).
+BUILTIN_MODELS = {
+    "qwen2.5-32b": {**_QWEN, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                    "hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64,
+                    "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064,
+                    "max_position_embeddings": 131072, "rms_norm_eps": 1e-05},
+    "qwen3-14b": {**_QWEN, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                  "hidden_size": 5120, "intermediate_size": 17408, "num_hidden_layers": 40,
+                  "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+                  "vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
+                  "attention_bias": False},
+    "qwen2.5-7b": {**_QWEN, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                   "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                   "max_position_embeddings": 131072, "rms_norm_eps": 1e-06},
+    "qwen3-8b": {**_QWEN, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                 "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                 "vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
+                 "attention_bias": False},
+    "smollm2-135m": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                     "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                     "max_position_embeddings": 8192, "rms_norm_eps": 1e-05, "rope_theta": 100000.0,
+                     "tie_word_embeddings": True, "torch_dtype": "bfloat16", "attention_bias": False},
+}
+
+
+# ------------------------------------------------------------------------------------ parameters
+@dataclass(frozen=True)
+class ParamCount:
+    total: int  # the HF model's parameter count (unpadded vocabulary)
+    sharded: int  # on one GPU: the TP shards (padded vocabulary)
+    replicated: int  # on every GPU of a TP group: the RMSNorm weights
+
+    @property
+    def per_gpu(self) -> int:
+        return self.sharded + self.replicated
+
+
+def count_parameters(spec: ModelSpec, tp: int = 1) -> ParamCount:
+    h, L = spec.hidden_size, spec.num_layers
+    linear = h * (spec.q_size + 2 * spec.kv_size) + spec.q_size * h + 3 * h * spec.ffn_hidden_size
+    bias = (spec.q_size + 2 * spec.kv_size) if spec.qkv_bias else 0
+    norms = L * (2 * h + (2 * spec.head_dim if spec.qk_norm else 0)) + h
+    vocab_tensors = 1 if spec.tie_word_embeddings else 2
+    total = L * (linear + bias) + norms + vocab_tensors * spec.vocab_size * h
+    padded = padded_vocab_size(spec.vocab_size, tp)
+    sharded = (L * (linear + bias) + vocab_tensors * padded * h) // tp
+    return ParamCount(total=total, sharded=sharded, replicated=norms)
+
+
+# ------------------------------------------------------------------------------------ activations
+def _layer_bytes_per_token(spec: ModelSpec, tp: int, a: int, seq: int, mode: str, flash: bool) -> float:
+    """Bytes one transformer layer keeps per token for the backward (see the module docstring)."""
+    h, q, kv, f = spec.hidden_size, spec.q_size, spec.kv_size, spec.ffn_hidden_size
+    if mode == "full":
+        return h * a
+    sharded = (q + 2 * kv) * a + q * a + 3 * f * a + ((q + kv) * a if spec.qk_norm else 0)
+    if mode == "none":
+        if flash:
+            sharded += 4 * spec.num_attention_heads
+        else:
+            sharded += a * spec.num_attention_heads * seq + 2 * (q - kv) * a
+    return 4 * h * a + sharded / tp
+
+
+# ------------------------------------------------------------------------------------------ plan
+@dataclass
+class Plan:
+    """Per-GPU memory of one run; sizes in GiB unless the name says otherwise."""
+
+    tp: int
+    dp: int
+    gpu_memory_gib: float
+    recompute: str
+    distributed_optimizer: bool  # master and moments sharded over DP
+    params_total: int
+    params_per_gpu: int
+    # training state
+    weights_gib: float
+    grads_gib: float
+    master_gib: float
+    adam_gib: float
+    step_temporaries_gib: float  # fp32 gradient copies + AdamW's sqrt(exp_avg_sq), during the step
+    distributed_optimizer_state_gib: float  # the state with master and moments sharded over dp
+    # activations of one micro-batch
+    activation_tokens: int
+    layer_activations_gib: float
+    recompute_working_gib: float  # full recompute: one layer's activations while it is recomputed
+    logits_gib: float
+    activations_gib: float
+    # rollout engine
+    gpu_memory_utilization: float
+    engine_reserved_gib: float
+    engine_weights_gib: float
+    engine_runtime_gib: float
+    kv_cache_gib: float
+    kv_bytes_per_token: int
+    kv_cache_tokens: int
+    sequence_tokens: int  # prompt + response
+    rollout_tokens_per_engine: int  # what one engine must hold to run its whole batch at once
+    rollout_waves: int
+    engine_asleep_gib: float
+    overhead_gib: float
+    tokens_per_step: int
+    # peaks
+    training_peak_gib: float
+    step_peak_gib: float
+    rollout_peak_gib: float
+    max_gpu_memory_utilization: float  # the largest utilisation the rollout phase leaves room for
+    fits: bool
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def peak_gib(self) -> float:
+        return max(self.training_peak_gib, self.step_peak_gib, self.rollout_peak_gib)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "peak_gib": self.peak_gib}
+
+
+def estimate(spec: ModelSpec, *, tp: int, dp: int, dtype_bytes: int, micro_batch_tokens: int,
+             max_prompt_len: int, max_response_len: int, rollout_n: int, prompts_per_step: int,
+             kv_cache_dtype_bytes: int, gpu_memory_gib: float, gpu_memory_utilization: float,
+             recompute: str = "full", flash_attention: bool = True, distributed_optimizer: bool = True) -> Plan:
+    """The per-GPU memory of a run (pure; formulas in the module docstring).
+
+    Raises ModelConfigError if ``tp`` does not split the model, ValueError on a bad argument.
+    """
+    check_tp(spec, tp)
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    if dp < 1 or min(micro_batch_tokens, max_prompt_len, max_response_len, rollout_n, prompts_per_step) < 1:
+        raise ValueError("dp, token lengths, rollout_n and prompts_per_step must be positive")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    a = dtype_bytes
+    mem = float(gpu_memory_gib)
+    params = count_parameters(spec, tp)
+    P = params.per_gpu
+
+    weights, grads = a * P / GIB, a * P / GIB
+    dist_state = weights + grads + 12 * P / dp / GIB
+    if distributed_optimizer:  # a master slice even for fp32; the whole flat fp32 grad + sqrt(v) of the slice
+        master, adam, step_tmp = 4 * P / dp / GIB, 8 * P / dp / GIB, (4 + 4 / dp) * P / GIB
+    else:  # fp32 copies of the grads (none if already fp32) + sqrt(v)
+        master, adam, step_tmp = (0 if a == 4 else 4) * P / GIB, 8 * P / GIB, ((0 if a == 4 else 4) + 4) * P / GIB
+    state = weights + grads + master + adam
+
+    seq = max_prompt_len + max_response_len
+    T = max(micro_batch_tokens, seq)
+    per_layer = _layer_bytes_per_token(spec, tp, a, seq, recompute, flash_attention)
+    layers = T * (spec.num_layers * per_layer + 2 * spec.hidden_size * a) / GIB
+    working = T * _layer_bytes_per_token(spec, tp, a, seq, "none", flash_attention) / GIB if recompute == "full" else 0.0
+    vocab_shard = padded_vocab_size(spec.vocab_size, tp) // tp
+    logits = (3 * T * vocab_shard * a + LOSS_CHUNK_BYTES) / GIB
+    activations = layers + working + logits
+
+    reserved = gpu_memory_utilization * mem
+    engine_weights = weights  # same shards, same dtype
+    kv_per_token = 2 * spec.num_layers * max(1, spec.num_kv_heads // tp) * spec.head_dim * kv_cache_dtype_bytes
+    kv_gib = max(0.0, reserved - engine_weights - ENGINE_RUNTIME_GIB)
+    kv_tokens = int(kv_gib * GIB // kv_per_token)
+    per_engine = math.ceil(prompts_per_step / dp) * rollout_n * seq
+    waves = math.ceil(per_engine / kv_tokens) if kv_tokens else 0
+
+    training_peak = state + activations + ENGINE_ASLEEP_GIB + CUDA_OVERHEAD_GIB
+    step_peak = state + step_tmp + ENGINE_ASLEEP_GIB + CUDA_OVERHEAD_GIB
+    resident = weights + master + adam
+    rollout_peak = resident + reserved + CUDA_OVERHEAD_GIB
+    max_util = max(0.0, (mem - resident - CUDA_OVERHEAD_GIB) / mem)
+    min_util = (engine_weights + ENGINE_RUNTIME_GIB + seq * kv_per_token / GIB) / mem
+
+    warnings, errors = [], []
+    dist_note = (f"master and moments are already sharded over dp={dp} (distributed optimizer)"
+                 if distributed_optimizer else
+                 f"the optimizer state is not sharded over DP; a distributed optimizer would bring the "
+                 f"{state:.1f} GiB of weights, grads, master and moments down to {dist_state:.1f} GiB")
+    if training_peak > mem:
+        act_share = activations / max(training_peak - CUDA_OVERHEAD_GIB, 1e-9)
+        fixes = ["larger TP"]
+        if recompute != "full":
+            fixes.append("--recompute full")
+        if act_share > 0.2 and T == micro_batch_tokens:
+            fixes.append("smaller grpo.micro_batch_tokens")
+        errors.append(f"training micro-batch needs {training_peak:.1f} GiB > {mem:g} GiB (state {state:.1f}, "
+                      f"activations {activations:.1f}): {', '.join(fixes)}; {dist_note}")
+    if step_peak > mem:
+        errors.append(f"optimizer step needs {step_peak:.1f} GiB > {mem:g} GiB (state {state:.1f} + fp32 grads and "
+                      f"AdamW temporaries {step_tmp:.1f}): larger TP; {dist_note}")
+    if rollout_peak > mem:
+        offload = "optimizer offload" if distributed_optimizer else "a distributed optimizer / optimizer offload"
+        fix = (f"lower rollout.gpu_memory_utilization to <= {max_util:.2f}" if max_util >= min_util else
+               f"no gpu_memory_utilization both fits ({max_util:.2f} max) and holds one sequence "
+               f"({min_util:.2f} min): larger TP or {offload}")
+        errors.append(f"rollout needs {rollout_peak:.1f} GiB > {mem:g} GiB (trainer keeps {resident:.1f} GiB, the "
+                      f"engine reserves {reserved:.1f}): {fix}")
+    if kv_tokens < seq:
+        errors.append(f"the vLLM KV cache holds {kv_tokens:,} tokens, less than one sequence ({seq:,} = prompt + "
+                      f"response): vLLM will not start; raise rollout.gpu_memory_utilization to >= "
+                      f"{min_util:.2f}, larger TP, or shorter lengths")
+    elif waves > 1:
+        warnings.append(f"the vLLM KV cache holds {kv_tokens:,} tokens, one rollout batch needs {per_engine:,} "
+                        f"({math.ceil(prompts_per_step / dp)} prompts x {rollout_n} x {seq:,}): generation runs in "
+                        f"~{waves} waves (slower, not an OOM)")
+    if prompts_per_step % dp:
+        errors.append(f"grpo.prompts_per_step={prompts_per_step} is not divisible by dp={dp}: the trainer refuses")
+    fits = training_peak <= mem and step_peak <= mem and rollout_peak <= mem and kv_tokens >= seq
+
+    return Plan(
+        tp=tp, dp=dp, gpu_memory_gib=mem, recompute=recompute, distributed_optimizer=distributed_optimizer,
+        params_total=params.total, params_per_gpu=P,
+        weights_gib=weights, grads_gib=grads, master_gib=master, adam_gib=adam, step_temporaries_gib=step_tmp,
+        distributed_optimizer_state_gib=dist_state, activation_tokens=T, layer_activations_gib=layers,
+        recompute_working_gib=working, logits_gib=logits, activations_gib=activations,
+        gpu_memory_utilization=gpu_memory_utilization, engine_reserved_gib=reserved,
+        engine_weights_gib=engine_weights, engine_runtime_gib=ENGINE_RUNTIME_GIB, kv_cache_gib=kv_gib,
+        kv_bytes_per_token=kv_per_token, kv_cache_tokens=kv_tokens, sequence_tokens=seq,
+        rollout_tokens_per_engine=per_engine, rollout_waves=waves, engine_asleep_gib=ENGINE_ASLEEP_GIB,
+        overhead_gib=CUDA_OVERHEAD_GIB, tokens_per_step=prompts_per_step * rollout_n * seq,
+        training_peak_gib=training_peak, step_peak_gib=step_peak, rollout_peak_gib=rollout_peak,
+        max_gpu_memory_utilization=max_util, fits=fits, warnings=warnings, errors=errors,
+    )
+
+
+# -------------------------------------------------------------------------------------- command
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help=f"built-in ({', '.join(BUILTIN_MODELS)}) or a HF config.json / model directory "
+                        "(default: model.path of --config)")
+    p.add_argument("--config", default=None, help="run YAML: lengths, rollout.n, batch sizes, dtype, TP, utilisation")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: parallel.tp)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p.add_argument("--micro-batch-tokens", type=int, default=None, help="default: grpo.micro_batch_tokens")
+    p.add_argument("--max-prompt-len", type=int, default=None, help="default: data.max_prompt_len")
+    p.add_argument("--max-response-len", type=int, default=None, help="default: rollout.max_tokens")
+    p.add_argument("--recompute", choices=RECOMPUTE, default=None,
+                   help="activation recomputation (default: the config's model.recompute)")
+    p.add_argument("--attention", choices=("flash", "unfused"), default="flash",
+                   help="flash: Transformer Engine's fused attention; unfused: the local spec (stores s^2 scores)")
+    p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="master weights and AdamW moments sharded over DP (ZeRO-1)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. rollout.n=16")
+
+
+def load_model(model: str) -> tuple[str, ModelSpec]:
+    """(display name, spec) of a built-in name or a config.json / model directory."""
+    # "Qwen/Qwen3-14B-Base" or a not-yet-downloaded "models/Qwen3-14B-Base" name a built-in too.
+    key = os.path.basename(model.rstrip("/")).lower().removesuffix("-base").removesuffix("-instruct")
+    try:
+        if os.path.exists(model):
+            return model, parse_hf_config(model)
+        if key in BUILTIN_MODELS:
+            return key, parse_hf_config(BUILTIN_MODELS[key])
+    except ModelConfigError as e:
+        raise ConfigError(f"--model: {e}") from None
+    raise ConfigError(f"--model {model!r}: not a built-in ({', '.join(BUILTIN_MODELS)}) nor an existing path")
+
+
+def _positive(name: str, value) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{name} must be positive, got {value}")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    model = args.model or cfg.model.path
+    if not model:
+        raise ConfigError("give --model (a built-in name or a HF config) or a --config with model.path")
+    name, spec = load_model(model)
+    for flag in ("nodes", "gpus_per_node", "tp", "micro_batch_tokens", "max_prompt_len", "max_response_len"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.gpu_memory_gib <= 0:
+        raise ConfigError(f"--gpu-memory-gib must be positive, got {args.gpu_memory_gib}")
+    tp = args.tp or cfg.parallel.tp
+    world = args.nodes * args.gpus_per_node
+    if world % tp:
+        raise ConfigError(f"tp={tp} does not divide the {world} GPUs ({args.nodes} nodes x {args.gpus_per_node})")
+    a = DTYPE_BYTES[cfg.model.dtype]
+    inputs = dict(
+        dp=world // tp, dtype_bytes=a, kv_cache_dtype_bytes=a,
+        micro_batch_tokens=args.micro_batch_tokens or cfg.grpo.micro_batch_tokens,
+        max_prompt_len=args.max_prompt_len or cfg.data.max_prompt_len,
+        max_response_len=args.max_response_len or cfg.rollout.max_tokens,
+        rollout_n=cfg.rollout.n, prompts_per_step=cfg.grpo.prompts_per_step,
+        gpu_memory_gib=args.gpu_memory_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        recompute=args.recompute or cfg.model.recompute, flash_attention=args.attention == "flash",
+        distributed_optimizer=cfg.optim.distributed_optimizer if args.distributed_optimizer is None
+        else args.distributed_optimizer,
+    )
+    try:
+        plan = estimate(spec, tp=tp, **inputs)
+    except ModelConfigError as e:
+        raise ConfigError(f"--tp: {e}") from None
+    if cfg.grpo.mini_batch_prompts % inputs["dp"]:
+        plan.errors.append(f"grpo.mini_batch_prompts={cfg.grpo.mini_batch_prompts} is not divisible by "
+                           f"dp={inputs['dp']}: the trainer refuses")
+    if tp > args.gpus_per_node:
+        plan.warnings.append(f"tp={tp} spans nodes ({args.gpus_per_node} GPUs each): TP all-reduces cross the network")
+    if not plan.fits:
+        better = _fitting_tps(spec, tp, world, inputs)
+        plan.errors.append(f"with these settings tp={better[0]} fits" if better else
+                           "no TP size that splits the model and the world fits with these settings")
+    if args.json:
+        print(json.dumps({"model": name, "architecture": spec.architecture, "nodes": args.nodes,
+                          "gpus_per_node": args.gpus_per_node, "world_size": world, "dtype": cfg.model.dtype,
+                          **plan.to_dict()}, indent=2))
+    else:
+        print(format_plan(plan, name, spec, args.nodes, args.gpus_per_node, cfg.model.dtype))
+    return 0 if plan.fits and not plan.errors else 3
+
+
+def _fitting_tps(spec: ModelSpec, tp: int, world: int, inputs: dict) -> list[int]:
+    out = []
+    for other in range(tp + 1, world + 1):
+        if world % other:
+            continue
+        try:
+            if estimate(spec, tp=other, **{**inputs, "dp": world // other}).fits:
+                out.append(other)
+        except ModelConfigError:
+            continue
+    return out
+
+
+def format_plan(plan: Plan, name: str, spec: ModelSpec, nodes: int, gpus_per_node: int, dtype: str) -> str:
+    mem = plan.gpu_memory_gib
+    rows: list[tuple[str, str]] = []
+
+    def row(label: str, gib: float | None = None, note: str = "") -> None:
+        rows.append((label, "" if gib is None else f"{gib:8.2f}" + (f"   {note}" if note else "")))
+
+    tok = plan.activation_tokens
+    row(f"training state (AdamW, master and moments sharded over dp {plan.dp})" if plan.distributed_optimizer
+        else "training state (AdamW, not sharded over DP)")
+    row(f"  weights ({dtype})", plan.weights_gib)
+    row(f"  gradients ({dtype})", plan.grads_gib)
+    row("  fp32 master weights", plan.master_gib)
+    row("  AdamW exp_avg + exp_avg_sq (fp32)", plan.adam_gib)
+    row("  optimizer step: fp32 grads + sqrt temp", plan.step_temporaries_gib, "only during the step")
+    row(f"activations (micro-batch of {tok:,} tokens, recompute {plan.recompute})")
+    row(f"  {spec.num_layers} layers + final norm / output inputs", plan.layer_activations_gib)
+    if plan.recompute == "full":
+        row("  one layer recomputed", plan.recompute_working_gib)
+    row("  logits shard, gradient, copy", plan.logits_gib)
+    row(f"vLLM engine (tp {plan.tp}, gpu_memory_utilization {plan.gpu_memory_utilization:.2f})",
+        plan.engine_reserved_gib, "reserved while awake")
+    row("  weights", plan.engine_weights_gib)
+    row("  runtime (profile peak, sampler, graphs)", plan.engine_runtime_gib)
+    row("  KV cache", plan.kv_cache_gib,
+        f"{plan.kv_cache_tokens:,} tokens at {plan.kv_bytes_per_token / 1024:g} KiB/token")
+    row("  asleep (level 1) during training", plan.engine_asleep_gib)
+    row("CUDA context, NCCL, allocator slack", plan.overhead_gib)
+
+    def status(gib: float) -> str:
+        return "ok" if gib <= mem else f"OVER by {gib - mem:.1f}"
+
+    width = max(len(label) for label, _ in rows) + 2
+    per_engine = plan.rollout_tokens_per_engine
+    lines = [
+        f"model: {name} ({spec.architecture}), {plan.params_total / 1e9:.2f} B parameters, "
+        f"{plan.params_per_gpu / 1e9:.3f} B per GPU",
+        f"world: {nodes} nodes x {gpus_per_node} GPUs = {plan.tp * plan.dp} GPUs of {mem:g} GiB; "
+        f"tp {plan.tp} x dp {plan.dp}",
+        f"tokens per step: up to {plan.tokens_per_step:,} ({per_engine:,} per DP replica, sequences of "
+        f"up to {plan.sequence_tokens:,}); the KV cache holds {plan.kv_cache_tokens:,} per replica"
+        + (f" (~{plan.rollout_waves} waves)" if plan.rollout_waves > 1 else ""),
+        "",
+        f"{'per GPU':<{width}}{'GiB':>8}",
+    ]
+    lines += [f"{label:<{width}}{value}".rstrip() for label, value in rows]
+    lines += [
+        "",
+        f"{'peak':<{width}}{'GiB':>8}   of {mem:g}",
+        f"{'  training micro-batch':<{width}}{plan.training_peak_gib:8.2f}   {status(plan.training_peak_gib)}",
+        f"{'  optimizer step':<{width}}{plan.step_peak_gib:8.2f}   {status(plan.step_peak_gib)}",
+        f"{'  rollout':<{width}}{plan.rollout_peak_gib:8.2f}   {status(plan.rollout_peak_gib)}",
+        f"fits: {'yes' if plan.fits else 'NO'}",
+    ]
+    lines += [f"WARNING: {w}" for w in plan.warnings]
+    lines += [f"WARNING: {e}" for e in plan.errors]
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""``megatron_lpreg.plot``: figures and comparison.md from run directories' metrics.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_lpreg import plot
+from megatron_lpreg.plot import PlotError, plot_runs
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STEPS = 6
+
+
+def _write_run(run_dir: Path, val, entropy, *, lpreg: bool, sources: bool = True, config: dict | None = None):
+    """metrics.jsonl as the trainer writes it: validation on its own line at step 0 and every 2 steps,
+    training metrics at steps 1..STEPS (a validation step's two lines share the step)."""
+    run_dir.mkdir(parents=True)
+    lines = []
+    for step in range(STEPS + 1):
+        if step > 0:
+            rec = {"step": step, "time": 1.0e9 + step, "entropy/mean": entropy[step - 1],
+                   "response/length_mean": 100.0 + 10 * step, "reward/mean": 0.1 * step,
+                   "pg/clipfrac": 0.01, "time/step": 2.5, "loss": "NaN", "note": "text"}
+            if lpreg:
+                rec.update({"lpreg/delta_rho": 1e-5 * 10 ** (step / 2), "lpreg/pass_share": 0.3,
+                            "lpreg/selected": 0.002})
+            lines.append(rec)
+        if step % 2 == 0:
+            v = val[step // 2]
+            rec = {"step": step, "time": 1.0e9 + step + 0.5, "val/mean": v}
+            if sources:
+                rec.update({"val/aime24/avg@4": v - 0.05, "val/math500/avg@1": v + 0.05})
+            lines.append(rec)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    if config is not None:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    return run_dir
+
+
+def _assert_png(path: Path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 5000, (path, len(data))
+
+
+def _table_row(text: str, label: str) -> list[str]:
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == label:
+            return cells
+    raise AssertionError(f"no row for {label!r} in:\n{text}")
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    lp = _write_run(root / "lp_reg", val=[0.20, 0.30, 0.45, 0.40], entropy=[0.9, 0.95, 1.0, 1.05, 1.1, 1.2],
+                    lpreg=True, config={"loss": {"enabled": True, "rho": 0.01}})
+    grpo = _write_run(root / "grpo", val=[0.20, 0.25, 0.22, 0.21], entropy=[0.9, 0.6, 0.4, 0.3, 0.2, 0.1],
+                      lpreg=False, config={"loss": {"enabled": False, "eps_low": 0.2, "eps_high": 0.2,
+                                                    "entropy_coef": 0.0, "kl_cov_ratio": 0.0,
+                                                    "ratio_level": "token", "high_entropy_fraction": 1.0,
+                                                    "loss_agg": "token_mean"}})
+    out = root / "plots"
+    written = plot_runs([lp, grpo], out, smooth=2)
+    return lp, grpo, out, written
+
+
+def test_figures_are_pngs(two_runs):
+    _, _, out, written = two_runs
+    names = {p.name for p in written}
+    assert {"val_accuracy.png", "entropy.png", "response_length.png", "reward.png", "delta_rho.png",
+            "pass_share.png", "lpreg_selected.png", "clipfrac.png", "step_time.png", "summary.png",
+            "comparison.md"} == names
+    assert "grad_norm.png" not in names  # no run logged optim/grad_norm: skipped, no error
+    for path in written:
+        assert path.parent == out and path.exists()
+        if path.suffix == ".png":
+            _assert_png(path)
+
+
+def test_comparison_first_last_best(two_runs):
+    _, _, out, _ = two_runs
+    text = (out / "comparison.md").read_text()
+    header = ["run", "loss", "val first", "val last", "val best", "best step", "val Δ",
+              "entropy first", "entropy last", "entropy Δ", "last step"]
+    assert "| " + " | ".join(header) + " |" in text
+    assert _table_row(text, "lp_reg") == ["lp_reg", "lp_reg", "0.2000", "0.4000", "0.4500", "4", "+0.2000",
+                                          "0.9000", "1.2000", "+0.3000", "6"]
+    assert _table_row(text, "grpo") == ["grpo", "grpo", "0.2000", "0.2100", "0.2500", "2", "+0.0100",
+                                        "0.9000", "0.1000", "-0.8000", "6"]
+    # per data source: aime24 = val - 0.05
+    rows = [line for line in text.splitlines() if line.startswith("| aime24 (avg@4) | lp_reg |")]
+    assert rows == ["| aime24 (avg@4) | lp_reg | 0.1500 | 0.3500 | 0.4000 | 4 |"]
+    assert "math500 (avg@1)" in text
+
+
+def test_lines_of_one_step_are_merged(two_runs):
+    lp, *_ = two_runs
+    run = plot.load_run(lp)
+    steps, values = run.series["val/mean"]
+    assert steps == [0, 2, 4, 6] and values == [0.20, 0.30, 0.45, 0.40]
+    assert run.series["entropy/mean"][0] == [1, 2, 3, 4, 5, 6]
+    assert math.isnan(run.series["loss"][1][0])  # "NaN" comes back as a float
+    assert "note" not in run.series and "time" not in run.series
+
+
+def test_missing_metrics_are_skipped(tmp_path):
+    run_dir = tmp_path / "bare"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "entropy/mean": 1.0}) + "\n"
+                                           + json.dumps({"step": 2, "entropy/mean": 0.8}) + "\n")
+    written = plot_runs([run_dir])  # default out dir: <run>/plots
+    assert [p.name for p in written] == ["entropy.png", "summary.png", "comparison.md"]
+    assert all(p.parent == run_dir / "plots" for p in written)
+    _assert_png(run_dir / "plots" / "summary.png")
+    row = _table_row((run_dir / "plots" / "comparison.md").read_text(), "bare")
+    assert row[2:5] == ["n/a", "n/a", "n/a"] and row[7:10] == ["1.0000", "0.8000", "-0.2000"]
+
+
+def test_missing_run_dir_is_a_clear_error(tmp_path, two_runs):
+    lp, *_ = two_runs
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    with pytest.raises(PlotError, match="not_a_run.*metrics.jsonl"):
+        plot_runs([lp, empty], tmp_path / "out")
+    with pytest.raises(PlotError, match="nowhere.*does not exist"):
+        plot_runs([tmp_path / "nowhere"], tmp_path / "out")
+    with pytest.raises(PlotError, match="2 labels for 1"):
+        plot_runs([lp], tmp_path / "out", labels=["a", "b"])
+
+
+def test_cli_arguments_labels_and_errors(tmp_path, two_runs, capsys):
+    lp, grpo, *_ = two_runs
+    parser = argparse.ArgumentParser()
+    plot.add_arguments(parser)
+    out = tmp_path / "cli_out"
+    args = parser.parse_args([str(lp), str(grpo), "--out", str(out), "--labels", "Lp-Reg,GRPO", "--smooth", "3"])
+    assert plot.run(args) == 0
+    assert str(out / "summary.png") in capsys.readouterr().out
+    text = (out / "comparison.md").read_text()
+    assert _table_row(text, "Lp-Reg")[2:5] == ["0.2000", "0.4000", "0.4500"]
+    assert _table_row(text, "GRPO")[7:9] == ["0.9000", "0.1000"]
+
+    from megatron_lpreg.config import ConfigError  # what the CLI reports with exit status 2
+
+    args = parser.parse_args([str(tmp_path / "missing_run")])
+    with pytest.raises(ConfigError, match="missing_run"):
+        plot.run(args)
+
+
+def test_equal_directory_names_are_told_apart(tmp_path):
+    a = _write_run(tmp_path / "a" / "run", val=[0.1, 0.2, 0.3, 0.4], entropy=[1.0] * STEPS, lpreg=True,
+                   sources=False, config={"loss": {"enabled": True}})
+    b = _write_run(tmp_path / "b" / "run", val=[0.1, 0.1, 0.1, 0.1], entropy=[1.0] * STEPS, lpreg=False,
+                   sources=False)
+    runs = [plot.load_run(a), plot.load_run(b)]
+    plot._default_labels(runs)
+    assert [r.label for r in runs] == ["run (lp_reg)", "run"]
