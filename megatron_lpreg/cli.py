@@ -47,6 +47,19 @@ def _prepare_demo(cfg) -> None:
         prepare(out)
 
 
+def _preflight(cfg) -> None:
+    """Missing inputs fail here, once, before any rank is started or any model is built."""
+    model = Path(cfg.model.path)
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"model.path: {model} has no config.json (a HF model directory is expected)")
+    if not cfg.data.train_files:
+        raise ConfigError("data.train_files: no training prompt files given")
+    for key, files in (("data.train_files", cfg.data.train_files), ("validation.files", cfg.validation.files)):
+        for name in files:
+            if not Path(name).is_file():
+                raise ConfigError(f"{key}: {name} does not exist")
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -63,6 +76,8 @@ def _train(args) -> int:
     if not under_launcher():
         if _uses_demo_assets(args.config, cfg):
             _prepare_demo(cfg)
+        if not args.dry_run:
+            _preflight(cfg)
         nproc = local_processes(cfg)
         if nproc > 1:
             argv = ["train", "--config", config, *args.overrides]
