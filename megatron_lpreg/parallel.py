@@ -95,17 +95,16 @@ def init_distributed(
         device = torch.device("cpu")
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world_size > 1:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            # A world of one needs no rendezvous: an in-process store cannot lose a port race with
+            # another process the way "pick a free port, then bind it" can.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if "MASTER_PORT" not in os.environ:
                 raise ParallelConfigError("MASTER_PORT is not set; launch with torchrun")
-            os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
