@@ -148,7 +148,8 @@ def test_slurm_script_starts_one_launcher_per_node(tmp_path):
     """slurm.sbatch with stand-ins for scontrol and srun: 2 'nodes' on this machine, 1 rank each."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\necho 127.0.0.1\n")
+    # A long host list: a reader that stops after the first line would hit SIGPIPE (exit 141).
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\nyes 127.0.0.1 | head -n 200000\n")
     (bin_dir / "srun").write_text(
         "#!/bin/bash\n"
         "# srun stand-in: drop the options, run the command once per node with SLURM_NODEID set\n"
