@@ -7,15 +7,11 @@ import sys
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from megatron_lpreg.checkpointing import DTYPES  # noqa: F401 - the converters' --dtype names
 
 
 class ConversionError(RuntimeError):
     """Bad input to a converter; the CLI prints it and exits with status 2."""
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from checkpoint_tools.common import (
-    DTYPES, ConversionError, cpu_world, dtype_name, materialise, meta_model, progress, release,
+    DTYPES, ConversionError, cpu_world, materialise, meta_model, progress, release,
     run_cli,
 )
 
@@ -63,11 +63,7 @@ def convert(hf_dir, out_dir, tp: int, dtype: torch.dtype | None = None, force: b
     check_hf_checkpoint(spec, reader)
     dtype = dtype or spec.torch_dtype
     padded = padded_vocab_size(spec.vocab_size, tp)
-    metadata = {
-        "source": str(hf_dir.resolve()), "architecture": spec.architecture, "dtype": dtype_name(dtype),
-        "tp_size": tp, "vocab_size": spec.vocab_size, "padded_vocab_size": padded,
-        "num_layers": spec.num_layers,
-    }
+    metadata = ckpt.model_metadata(spec, source=hf_dir, dtype=dtype, tp_size=tp, padded_vocab_size=padded)
     with cpu_world():
         model = meta_model(spec, dtype, vocab_padding_tp=tp)
         groups = ckpt.model_groups(spec.num_layers)

@@ -45,6 +45,19 @@ _CANONICAL_SUFFIX = {
 }
 
 
+# Parameter dtypes by the short names checkpoints record (and the converters' --dtype accepts).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def model_metadata(spec, *, source, dtype: torch.dtype, tp_size: int, padded_vocab_size: int) -> dict:
+    """What every model checkpoint records about its model (converters and training write it)."""
+    return {
+        "source": str(Path(source).resolve()), "architecture": spec.architecture,
+        "dtype": {v: k for k, v in DTYPES.items()}[dtype], "tp_size": tp_size,
+        "vocab_size": spec.vocab_size, "padded_vocab_size": padded_vocab_size, "num_layers": spec.num_layers,
+    }
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not fit the model."""
 

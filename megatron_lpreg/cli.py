@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from megatron_lpreg.checkpointing import CheckpointError
-from megatron_lpreg.config import ConfigError, config_to_dict, load_config
+from megatron_lpreg.config import ConfigError, check_inputs, config_to_dict, load_config
 from megatron_lpreg.data import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -47,19 +47,6 @@ def _prepare_demo(cfg) -> None:
         prepare(out)
 
 
-def _preflight(cfg) -> None:
-    """Missing inputs fail here, once, before any rank is started or any model is built."""
-    model = Path(cfg.model.path)
-    if not (model / "config.json").is_file():
-        raise ConfigError(f"model.path: {model} has no config.json (a HF model directory is expected)")
-    if not cfg.data.train_files:
-        raise ConfigError("data.train_files: no training prompt files given")
-    for key, files in (("data.train_files", cfg.data.train_files), ("validation.files", cfg.validation.files)):
-        for name in files:
-            if not Path(name).is_file():
-                raise ConfigError(f"{key}: {name} does not exist")
-
-
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -77,7 +64,7 @@ def _train(args) -> int:
         if _uses_demo_assets(args.config, cfg):
             _prepare_demo(cfg)
         if not args.dry_run:
-            _preflight(cfg)
+            check_inputs(cfg)
         nproc = local_processes(cfg)
         if nproc > 1:
             argv = ["train", "--config", config, *args.overrides]

@@ -24,7 +24,7 @@ import yaml
 from megatron_lpreg.loss.config import PRESETS, LpRegConfig
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "GRPOConfig", "LoggingConfig",
+    "CheckpointConfig", "Config", "ConfigError", "check_inputs", "DataConfig", "GRPOConfig", "LoggingConfig",
     "ModelConfig", "OptimConfig", "ParallelConfig", "RewardConfig", "RolloutConfig",
     "ValidationConfig", "config_to_dict", "load_config", "save_config",
 ]
@@ -396,6 +396,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     cfg = Config(**kwargs)
     _check(cfg, sources)
     return cfg
+
+
+def check_inputs(cfg: Config) -> None:
+    """The model directory and prompt files a run reads exist (before any rank or model starts)."""
+    model = Path(cfg.model.path)
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"model.path: {model} has no config.json (a HF model directory is expected)")
+    if not cfg.data.train_files:
+        raise ConfigError("data.train_files: no training prompt files given")
+    for key, files in (("data.train_files", cfg.data.train_files), ("validation.files", cfg.validation.files)):
+        for name in files:
+            if not Path(name).is_file():
+                raise ConfigError(f"{key}: {name} does not exist")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -38,6 +38,13 @@ def test_train_writes_metrics_and_a_checkpoint(tmp_path):
     assert "step 2/2" in proc.stdout
     assert (run_dir / "checkpoints" / "step_000002" / "lpreg_checkpoint.json").exists()
     assert (run_dir / "config.yaml").exists()
+    # A training checkpoint is a model checkpoint: the converter turns it back into HF weights.
+    hf_out = tmp_path / "hf_out"
+    conv = subprocess.run([sys.executable, "-m", "checkpoint_tools.megatron_to_hf", "--ckpt",
+                           str(run_dir / "checkpoints" / "step_000002"), "--out", str(hf_out), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    assert list(hf_out.glob("*.safetensors")) and (hf_out / "config.json").exists()
 
 
 def test_bad_settings_exit_2_naming_the_place(tmp_path):

@@ -12,7 +12,6 @@ micro-batch loss is weighted so the accumulated gradient is that of the whole mi
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -147,8 +146,3 @@ def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCon
             steps.append(optimizer.step())
     return metrics, steps
 
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from megatron_lpreg import checkpointing as ckpt
-from megatron_lpreg.config import Config, ConfigError, config_to_dict, save_config
+from megatron_lpreg.config import Config, ConfigError, check_inputs, config_to_dict, save_config
 from megatron_lpreg.data import DataFields, PromptSampler, encode_prompts, load_prompt_dataset
 from megatron_lpreg.grpo.advantages import group_advantages, group_stats
 from megatron_lpreg.grpo.batching import RolloutBatch
@@ -73,10 +73,8 @@ class GRPOTrainer:
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        hf_dir = Path(cfg.model.path)
-        if not (hf_dir / "config.json").is_file():
-            raise ConfigError(f"model.path: {hf_dir} has no config.json (a HF model directory is expected)")
-        self.hf_dir = hf_dir
+        check_inputs(cfg)
+        hf_dir = self.hf_dir = Path(cfg.model.path)
         g = cfg.grpo
         self.ctx = ctx = init_distributed(cfg.parallel.tp, cfg.parallel.backend, cfg.parallel.timeout_s, seed=g.seed)
         for name, value in (("grpo.prompts_per_step", g.prompts_per_step), ("grpo.mini_batch_prompts", g.mini_batch_prompts)):
@@ -112,8 +110,6 @@ class GRPOTrainer:
 
         d = cfg.data
         fields = DataFields(d.prompt_key, d.data_source_key, d.ground_truth_key)
-        if not d.train_files:
-            raise ConfigError("data.train_files: no training prompt files given")
         self.train_data = load_prompt_dataset(d.train_files, fields, d.on_error, max_samples=d.max_samples)
         self.val_data = load_prompt_dataset(cfg.validation.files, fields, d.on_error,
                                             max_samples=cfg.validation.max_samples) \
@@ -307,13 +303,9 @@ class GRPOTrainer:
 
     def save(self) -> Path:
         path = step_dir(self.run_dir, self.step)
-        spec = self.spec
-        metadata = {
-            "source": str(self.hf_dir.resolve()), "architecture": spec.architecture, "dtype": self.cfg.model.dtype,
-            "tp_size": self.ctx.tp_size, "vocab_size": spec.vocab_size,
-            "padded_vocab_size": int(self.model.embedding.word_embeddings.weight.shape[0]) * self.ctx.tp_size,
-            "num_layers": spec.num_layers,
-        }
+        metadata = ckpt.model_metadata(
+            self.spec, source=self.hf_dir, dtype=getattr(torch, self.cfg.model.dtype), tp_size=self.ctx.tp_size,
+            padded_vocab_size=int(self.model.embedding.word_embeddings.weight.shape[0]) * self.ctx.tp_size)
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "best": self.best,
                  "world_size": self.ctx.world_size, "tp_size": self.ctx.tp_size}
         save_training_checkpoint(path, model=self.model, optimizer=self.optimizer, metadata=metadata,
