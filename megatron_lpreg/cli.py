@@ -1,6 +1,7 @@
 """``megatron-lpreg``: the command line.
 
     megatron-lpreg train [--config FILE] [key=value ...]   GRPO + Lp-Reg; no --config: the CPU demo
+    megatron-lpreg compare [--config FILE] [key=value ...] plain GRPO vs Lp-Reg, same seed, plotted
     megatron-lpreg evaluate --ckpt DIR --data FILE ...      avg@k per data_source of a checkpoint
     megatron-lpreg plan --model qwen3-14b --nodes 8 --tp 8  per-GPU memory, before a launch
     megatron-lpreg plot RUN_DIR [RUN_DIR ...]              paper-style figures, runs overlaid
@@ -85,6 +86,39 @@ def _train(args) -> int:
             trainer.fit(max_steps=args.max_steps)
     finally:
         _shutdown()
+    if _rank() == 0:
+        from megatron_lpreg.plot import PlotError, run_summary
+
+        try:
+            print(run_summary(cfg.run_dir), flush=True)
+        except PlotError:  # nothing was logged (e.g. --max-steps 0)
+            pass
+    return 0
+
+
+COMPARED = (("grpo", "GRPO", ["loss.enabled=false"]), ("lp_reg", "Lp-Reg", []))
+
+
+def _compare(args) -> int:
+    """Plain GRPO, then Lp-Reg, on one configuration; then their figures and comparison table."""
+    from megatron_lpreg.plot import COMPARISON_FILE, plot_runs
+
+    config = args.config or str(DEMO_CONFIG)
+    out = Path(args.out or f"{load_config(config, args.overrides).run_dir}_compare")
+    run_dirs = []
+    for name, label, extra in COMPARED:
+        run_dir = out / name
+        print(f"megatron-lpreg compare: {label} in {run_dir}", flush=True)
+        train_args = argparse.Namespace(config=args.config, max_steps=None, dry_run=False,
+                                        overrides=[*args.overrides, *extra, f"run_dir={run_dir}"])
+        code = _train(train_args)
+        if code:
+            return code
+        run_dirs.append(run_dir)
+    if _rank() == 0:
+        plot_runs(run_dirs, out / "plots", labels=[label for _, label, _ in COMPARED])
+        print((out / "plots" / COMPARISON_FILE).read_text(encoding="utf-8"))
+        print(f"figures: {out / 'plots'}", flush=True)
     return 0
 
 
@@ -132,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. grpo.steps=10 loss.preset=grpo run_dir=runs/x")
     train.set_defaults(func=_train)
+    compare = sub.add_parser("compare", help="plain GRPO vs Lp-Reg on one configuration, plotted",
+                             description="Train twice with the same settings and seed: plain GRPO "
+                                         "(loss.enabled=false) into OUT/grpo, then Lp-Reg into OUT/lp_reg; "
+                                         "then draw both into OUT/plots and print comparison.md. "
+                                         "Without --config: the CPU demo.")
+    compare.add_argument("--config", help="YAML run configuration (see examples/)")
+    compare.add_argument("--out", default=None, metavar="DIR", help="default: <run_dir>_compare")
+    compare.add_argument("overrides", nargs="*", metavar="key=value", help="applied to both runs")
+    compare.set_defaults(func=_compare)
     from megatron_lpreg import evaluate, plan, plot
 
     for name, module, help_text in (

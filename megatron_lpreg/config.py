@@ -40,14 +40,14 @@ class ModelConfig:
     tokenizer: str | None = None  # default: ``path``
     load: str | None = None  # start from this megatron-lpreg checkpoint instead of the HF weights
     dtype: str = "bfloat16"  # parameters and compute; fp32 master weights live in the optimiser
-    use_te: bool | None = None  # None: Transformer Engine spec when it imports and CUDA is present
-    recompute: str = "none"  # none | full: re-run each layer in the backward (long responses)
+    use_te: bool | None = None  # null: Transformer Engine layers when it imports and CUDA is present
+    recompute: str = "none"  # full: re-run each layer in the backward (saves activations for long responses)
 
 
 @dataclass
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size; data-parallel size = world size / tp
-    backend: str | None = None  # None: nccl with CUDA, else gloo
+    backend: str | None = None  # null: nccl with CUDA, else gloo
     timeout_s: float = 1800.0  # a hung collective fails after this long
     # Processes `megatron-lpreg train` starts on this machine when not launched by torchrun
     # (default: tp, i.e. one model replica); under torchrun the launcher decides.
@@ -56,33 +56,33 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)
-    prompt_key: str = "prompt"
-    data_source_key: str = "data_source"
-    ground_truth_key: str = "reward_model.ground_truth"
-    template: str = "r1_zero"  # r1_zero | chat | raw
+    train_files: list[str] = field(default_factory=list)  # verl-schema prompt files (.jsonl, .parquet)
+    prompt_key: str = "prompt"  # a chat message list or a string
+    data_source_key: str = "data_source"  # groups validation scores (val/<source>/avg@k)
+    ground_truth_key: str = "reward_model.ground_truth"  # dotted path into the row
+    template: str = "r1_zero"  # r1_zero: the paper's prompt; chat: the tokenizer's chat template; raw: as is
     max_prompt_len: int = 2048  # longer prompts keep their last tokens (counted)
-    on_error: str = "raise"  # raise | skip: what a malformed row does
-    shuffle: bool = True
-    max_samples: int | None = None
+    on_error: str = "raise"  # what a malformed row does (skip: count it and go on)
+    shuffle: bool = True  # reshuffled every epoch from grpo.seed (resumable)
+    max_samples: int | None = None  # use only the first N prompts
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "auto"  # auto (vllm with CUDA, else hf) | hf | vllm
+    engine: str = "auto"  # auto: vllm with CUDA, else hf (transformers)
     n: int = 8  # responses per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # sampling temperature of the training rollouts
+    top_p: float = 1.0  # nucleus sampling; 1 = off
     top_k: int = 0  # 0 = off
     max_tokens: int = 8192  # response length
     max_batch_size: int = 64  # sequences per generate call (hf engine)
-    refit_bucket_mb: int = 512
+    refit_bucket_mb: int = 512  # weights stream into the engine in buckets of at most this size
     gpu_memory_utilization: float = 0.5  # vllm, colocated with the trainer
 
 
 @dataclass
 class RewardConfig:
-    num_workers: int = 4
+    num_workers: int = 4  # grader processes (math-verify)
     timeout_s: float = 5.0  # per answer
     memory_mb: int | None = 1024  # per worker
     function: str | None = None  # "module:function" scoring (response, ground_truth) instead of the grader
@@ -91,35 +91,35 @@ class RewardConfig:
 @dataclass
 class GRPOConfig:
     steps: int = 500  # rollout steps
-    prompts_per_step: int = 256
+    prompts_per_step: int = 256  # prompts per rollout step (global batch = prompts_per_step * rollout.n)
     mini_batch_prompts: int = 256  # == prompts_per_step: on-policy (one optimiser step per rollout)
     epochs: int = 1  # passes over each rollout
     micro_batch_tokens: int = 16384  # token budget per micro-batch (padded tokens)
-    pad_to_multiple: int = 1
-    adv_eps: float = 1e-6
-    normalize_adv_std: bool = True
-    seed: int = 1234
+    pad_to_multiple: int = 1  # pad micro-batch lengths to a multiple (8 helps tensor cores)
+    adv_eps: float = 1e-6  # advantage = (r - mean) / (std + adv_eps) within a prompt's group
+    normalize_adv_std: bool = True  # false: Dr. GRPO style, r - mean only
+    seed: int = 1234  # data order, sampling and model init streams
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-6  # constant
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    eps: float = 1e-8  # AdamW
+    weight_decay: float = 0.0  # AdamW, decoupled
+    clip_grad: float = 1.0  # global gradient-norm clip (over TP and DP); 0 = off
     # ZeRO-1: fp32 masters and AdamW moments sharded over data-parallel ranks (used when DP > 1).
     distributed_optimizer: bool = True
 
 
 @dataclass
 class ValidationConfig:
-    files: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # held-out prompt files; empty = no validation
     every: int = 8  # steps; 0 = never
     at_start: bool = True  # score the initial policy too
     # data_source -> samples per prompt (avg@k) at ``sampled_temperature``; other sources: greedy, 1.
     samples: dict[str, int] = field(default_factory=lambda: {"aime": 16, "aime25": 16, "amc": 16})
-    sampled_temperature: float = 0.6
+    sampled_temperature: float = 0.6  # temperature of the avg@k sources
     max_tokens: int | None = None  # default: rollout.max_tokens
     max_samples: int | None = None  # prompts per file
 
@@ -129,21 +129,21 @@ class CheckpointConfig:
     every: int = 64  # steps; 0 = only at the end
     resume: str = "auto"  # auto: latest complete checkpoint in run_dir/checkpoints | never | a path
     keep_last: int | None = None  # delete older step checkpoints (None: keep all)
-    save_at_end: bool = True
+    save_at_end: bool = True  # a checkpoint of the final step
 
 
 @dataclass
 class LoggingConfig:
     wandb_project: str | None = None  # None: wandb offline in run_dir
     wandb_mode: str | None = None  # online | offline | disabled (default: offline without a project)
-    wandb_name: str | None = None
-    wandb_entity: str | None = None
-    console: bool = True
+    wandb_name: str | None = None  # run name (also the legend in `megatron-lpreg plot`)
+    wandb_entity: str | None = None  # wandb team or user
+    console: bool = True  # progress bar and a line per step on rank 0
 
 
 @dataclass
 class Config:
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # config.yaml, metrics.jsonl, checkpoints/, wandb/, plots/
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -34,7 +34,7 @@ from typing import Any
 
 from megatron_lpreg.logging import METRICS_FILE, read_metrics
 
-__all__ = ["PlotError", "Run", "add_arguments", "load_run", "plot_runs", "run", "write_comparison"]
+__all__ = ["PlotError", "Run", "add_arguments", "load_run", "plot_runs", "run", "run_summary", "write_comparison"]
 
 CONFIG_FILE = "config.yaml"
 COMPARISON_FILE = "comparison.md"
@@ -430,6 +430,30 @@ def write_comparison(runs: list[Run], path: str | Path) -> Path:
         lines += _table(["run", *train_keys], rows)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+_SUMMARY_LINES = (
+    (VAL_MEAN, "validation accuracy", "{:.3f}"),
+    ("entropy/mean", "policy entropy", "{:.3f}"),
+    ("reward/mean", "training reward", "{:.3f}"),
+    ("response/length_mean", "response length", "{:.1f}"),
+)
+
+
+def run_summary(run_dir: str | Path) -> str:
+    """Before/after lines of a finished run (the end of ``megatron-lpreg train``)."""
+    r = load_run(run_dir)
+    lines = [f"run summary: {r.path} (last step {r.last_step})"]
+    for key, name, fmt in _SUMMARY_LINES:
+        v = _first_last_best(r, key)
+        if v["first"] is None:
+            continue
+        line = (f"  {name} ({key}): {fmt.format(v['first'])} at step {v['first_step']} -> "
+                f"{fmt.format(v['last'])} at step {v['last_step']}")
+        if key == VAL_MEAN:
+            line += f" (best {fmt.format(v['best'])} at step {v['best_step']})"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- entry points

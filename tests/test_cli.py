@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from megatron_lpreg.logging import read_metrics
 from tests.grpo.tiny_run import make_data, make_policy_dir
 
@@ -36,6 +38,7 @@ def test_train_writes_metrics_and_a_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
     assert "step 2/2" in proc.stdout
+    assert f"run summary: {run_dir}" in proc.stdout and "training reward (reward/mean)" in proc.stdout
     assert (run_dir / "checkpoints" / "step_000002" / "lpreg_checkpoint.json").exists()
     assert (run_dir / "config.yaml").exists()
     # A training checkpoint is a model checkpoint: the converter turns it back into HF weights.
@@ -69,3 +72,28 @@ def test_train_starts_its_own_ranks_without_torchrun(tmp_path):
     for rank in range(2):
         assert f"dry run: rank {rank}/2 tp_rank {rank}/2 dp_rank 0/1 backend gloo" in proc.stdout
     assert proc.stdout.count("# resolved configuration") == 1  # printed by rank 0 only
+
+
+def test_compare_trains_grpo_then_lp_reg_and_plots_both(tmp_path):
+    policy = make_policy_dir(tmp_path / "policy")
+    data = make_data(tmp_path / "data")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {{path: {policy}, dtype: float32}}\n"
+        f"data: {{train_files: [{data['train']}], template: chat}}\n"
+        "rollout: {n: 2, max_tokens: 8}\n"
+        "reward: {function: 'tests.grpo.tiny_run:parity_reward'}\n"
+        "grpo: {steps: 1, prompts_per_step: 2, mini_batch_prompts: 2, micro_batch_tokens: 512}\n"
+        f"validation: {{files: [{data['val_arith']}], every: 1, max_tokens: 6}}\n"
+        "checkpoint: {every: 0, save_at_end: false}\n"
+    )
+    out = tmp_path / "cmp"
+    proc = _cli("compare", "--config", str(config), "--out", str(out), "grpo.seed=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, enabled in (("grpo", False), ("lp_reg", True)):
+        resolved = yaml.safe_load((out / name / "config.yaml").read_text())
+        assert resolved["loss"]["enabled"] is enabled and resolved["grpo"]["seed"] == 3
+        assert [r["step"] for r in read_metrics(out / name / "metrics.jsonl")] == [0, 1]
+    table = (out / "plots" / "comparison.md").read_text()
+    assert "**GRPO**" in table and "**Lp-Reg**" in table and table in proc.stdout
+    assert (out / "plots" / "val_accuracy.png").exists() and (out / "plots" / "entropy.png").exists()

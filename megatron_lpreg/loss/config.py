@@ -21,27 +21,27 @@ _CHOICES = {
 
 @dataclass
 class LpRegConfig:
-    # Lp-Reg (LP_REG.md sections 1-3). enabled=False is plain GRPO / the baseline selected below.
-    enabled: bool = True
+    # Lp-Reg (LP_REG.md sections 1-3).
+    enabled: bool = True  # false: plain GRPO (or the baseline a preset selects)
     kappa: float = 0.02  # min-p ratio (minp) or absolute probability floor (fixed)
-    threshold: str = "minp"
+    threshold: str = "minp"  # proxy filter: p >= kappa * max p (minp) or p >= kappa (fixed)
     rho: float = 0.01  # fraction of negative-advantage tokens examined (0.005 for Qwen2.5-32B)
-    beta: float = 1.0
-    kl: str = "k3"
+    beta: float = 1.0  # weight of the Lp-Reg term
+    kl: str = "k3"  # k3 sampled-token estimator, exact forward KL(proxy || policy), or reverse on K
     kl_clamp: float = 10.0  # k3 estimator clamp, as in the reference code
-    percentile_scope: str = "microbatch"
+    percentile_scope: str = "microbatch"  # where the rho percentile is taken (README: the loss options)
     min_selected: int = 2  # reference-code quirk: fewer than this many lowest tokens -> none
     regularize_positive: float = 0.0  # "Pos & Neg" ablation: fraction of positive tokens examined
-    # Policy-gradient clip: r in [1 - eps_low, 1 + eps_high]; 1.0 / 9.0 means r in [0, 10].
-    eps_low: float = 1.0
-    eps_high: float = 9.0
+    # Policy-gradient clip: 1.0 / 9.0 means r in [0, 10].
+    eps_low: float = 1.0  # lower clip: r >= 1 - eps_low (selected Lp-Reg tokens are not clipped)
+    eps_high: float = 9.0  # upper clip: r <= 1 + eps_high
     # verl baselines, all off by default.
     ratio_level: str = "token"  # "sequence" = GSPO's length-normalised sequence ratio
     entropy_coef: float = 0.0  # entropy bonus: loss -= coef * H
     kl_cov_ratio: float = 0.0  # KL-Cov: fraction of tokens with the largest cov(logp, A) penalised
-    kl_cov_coef: float = 1.0
+    kl_cov_coef: float = 1.0  # KL-Cov penalty weight
     high_entropy_fraction: float = 1.0  # 0.2 = train only on the top-20% entropy tokens ("80/20")
-    loss_agg: str = "token_mean"
+    loss_agg: str = "token_mean"  # token_mean over the mini-batch, per-sequence means, or global tokens
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():

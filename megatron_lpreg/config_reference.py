@@ -1,0 +1,150 @@
+"""The configuration reference (docs/configuration.md), generated from the dataclasses.
+
+    python -m megatron_lpreg.config_reference > docs/configuration.md
+
+Each field's description is its comment in the source (the comment at the end of its line, or the
+comment lines just above it), so the reference cannot drift from the code: a test regenerates it and
+compares, and fails for a field without a description.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import math
+import tokenize
+
+from megatron_lpreg import config as config_module
+from megatron_lpreg.loss import config as loss_config_module
+from megatron_lpreg.loss.config import PRESETS, LpRegConfig
+
+__all__ = ["field_comments", "reference"]
+
+_INTRO = """\
+# Configuration reference
+
+Generated from the dataclasses in `megatron_lpreg/config.py` and `megatron_lpreg/loss/config.py`
+by `python -m megatron_lpreg.config_reference`; do not edit by hand.
+
+A run configuration is a YAML file of these sections; it states only what differs from the
+defaults, which are the published Lp-Reg settings. `key=value` arguments override it with dotted
+keys (`grpo.steps=10`, `loss.rho=0.005`, `data.train_files=[a.jsonl,b.jsonl]`). Precedence:
+defaults < `loss.preset` < the file < the command line. A misspelt key or a value of the wrong
+type stops the run before any work, naming the file, the line and the key. The resolved
+configuration is written to `run_dir/config.yaml`.
+"""
+
+
+def field_comments(cls) -> dict[str, str]:
+    """Field name -> its comment: the one ending its line, else the comment lines right above it."""
+    source = inspect.getsource(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    comments: dict[str, str] = {}
+    pending: list[str] = []  # comment lines seen since the last statement
+    line_tokens: list[tokenize.TokenInfo] = []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT and not line_tokens:
+            pending.append(tok.string.lstrip("#").strip())
+            continue
+        if tok.type in (tokenize.NL, tokenize.NEWLINE):
+            if line_tokens:
+                first = line_tokens[0]
+                is_field = (first.type == tokenize.NAME and first.string in names and len(line_tokens) > 1
+                            and line_tokens[1].string == ":")
+                trailing = [t.string.lstrip("#").strip() for t in line_tokens if t.type == tokenize.COMMENT]
+                if is_field:
+                    text = " ".join(trailing) if trailing else " ".join(pending)
+                    comments[first.string] = text
+                pending = []
+            elif tok.type == tokenize.NL and not pending:
+                pass
+            line_tokens = []
+            continue
+        if tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING):
+            continue
+        line_tokens.append(tok)
+    return comments
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"' if value == "" else value
+    if isinstance(value, tuple):
+        value = list(value)
+    return str(value)
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return str(f.type).replace("typing.", "").replace("|", "or").replace("  ", " ")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _table(cls, prefix: str, choices: dict[str, tuple]) -> list[str]:
+    comments = field_comments(cls)
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
+            continue
+        key = f"{prefix}{f.name}"
+        meaning = comments.get(f.name, "")
+        allowed = choices.get(key) or choices.get(f.name)
+        if allowed:
+            meaning = (meaning + ". " if meaning else "") + "One of: " + ", ".join(
+                "null" if a is None else f"`{a}`" for a in allowed)
+        rows.append(f"| `{key}` | {_cell(_type_name(f))} | `{_cell(_default(f))}` | {_cell(meaning)} |")
+    return rows
+
+
+def _presets() -> list[str]:
+    rows = ["| `loss.preset` | fields it sets |", "| --- | --- |"]
+    for name, fields in PRESETS.items():
+        text = ", ".join(f"`{k}: {'inf' if isinstance(v, float) and math.isinf(v) else v}`"
+                         for k, v in fields.items()) or "none: the defaults (Lp-Reg)"
+        rows.append(f"| `{name}` | {text} |")
+    return rows
+
+
+_SECTIONS = {cls.__name__: cls for cls in (
+    config_module.ModelConfig, config_module.ParallelConfig, config_module.DataConfig, config_module.RolloutConfig,
+    config_module.RewardConfig, config_module.GRPOConfig, config_module.OptimConfig, LpRegConfig,
+    config_module.ValidationConfig, config_module.CheckpointConfig, config_module.LoggingConfig)}
+
+
+def reference() -> str:
+    """The whole of docs/configuration.md."""
+    top = config_module.Config
+    lines = [_INTRO, "## Top level", ""]
+    lines += _table(top, "", config_module._CHOICES)
+    for f in dataclasses.fields(top):
+        section = _SECTIONS.get(str(f.type).split(".")[-1])
+        if section is None:
+            continue
+        lines += ["", f"## `{f.name}`", ""]
+        if section is LpRegConfig:
+            lines += ["The policy loss (`LpRegConfig`, LP_REG.md). `loss.preset: NAME` starts from a baseline's "
+                      "fields (table below); the section's other keys apply on top.", ""]
+            lines += _table(section, "loss.", loss_config_module._CHOICES)
+            lines += ["", *_presets()]
+        else:
+            lines += _table(section, f"{f.name}.", config_module._CHOICES)
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")
