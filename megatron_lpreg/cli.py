@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -189,9 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# megatron-core's notices about optional fused kernels and CUDA tuning, printed once per rank at
+# import: they say nothing a user can act on here (the fallbacks are the tested paths).
+QUIET_WARNINGS = (
+    r"Apex is not installed",
+    r"Transformer Engine and Apex are not installed",
+    r"When using async grad allreduce it is recommended",
+    r"full scope is deprecated",
+    r"MLP requires ffn_hidden_size",
+)
+
+
 def main(argv=None) -> int:
+    if not os.environ.get("MEGATRON_LPREG_ALL_WARNINGS"):
+        for pattern in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines are about its internals
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:

@@ -149,7 +149,8 @@ def _loss_method(config: dict) -> str | None:
     """The loss preset a resolved ``config.yaml`` was made with: ``lp_reg``, ``grpo``, ...
 
     ``config.yaml`` holds the resolved loss fields, not the preset's name, so the fields are
-    compared with each preset's; ``None`` without a loss section, ``custom`` when none matches.
+    compared with each preset's; ``None`` without a loss section. Lp-Reg switched off with no
+    baseline knob set is ``grpo (clip lo/hi)``; anything else ``custom``.
     """
     loss = config.get("loss")
     if not isinstance(loss, dict) or "enabled" not in loss:
@@ -172,6 +173,9 @@ def _loss_method(config: dict) -> str | None:
         resolved = {**defaults, **preset}
         if all(k in loss and same(loss[k], resolved[k]) for k in keys):
             return name
+    knobs = ("ratio_level", "entropy_coef", "kl_cov_ratio", "high_entropy_fraction", "loss_agg")
+    if all(same(loss.get(k, defaults[k]), defaults[k]) for k in knobs):
+        return f"grpo (clip {loss.get('eps_low', defaults['eps_low'])}/{loss.get('eps_high', defaults['eps_high'])})"
     return "custom"
 
 

@@ -163,3 +163,20 @@ def test_equal_directory_names_are_told_apart(tmp_path):
     runs = [plot.load_run(a), plot.load_run(b)]
     plot._default_labels(runs)
     assert [r.label for r in runs] == ["run (lp_reg)", "run"]
+
+
+def test_loss_method_names_presets_and_plain_grpo():
+    from dataclasses import asdict
+
+    from megatron_lpreg.loss.config import LpRegConfig
+    from megatron_lpreg.plot import _loss_method
+
+    def method(cfg: LpRegConfig) -> str | None:
+        return _loss_method({"loss": asdict(cfg)})
+
+    assert method(LpRegConfig()) == "lp_reg"
+    assert method(LpRegConfig.preset("gspo")) == "gspo"
+    assert method(LpRegConfig.preset("grpo")) == "grpo"
+    assert method(LpRegConfig(enabled=False)) == "grpo (clip 1.0/9.0)"
+    assert method(LpRegConfig(enabled=False, entropy_coef=0.01)) == "custom"
+    assert _loss_method({}) is None
