@@ -69,7 +69,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "auto"  # auto: vllm with CUDA, else hf (transformers)
+    engine: str = "auto"  # auto: vllm with CUDA when vllm is installed, else hf (transformers)
     n: int = 8  # responses per prompt
     temperature: float = 1.0  # sampling temperature of the training rollouts
     top_p: float = 1.0  # nucleus sampling; 1 = off

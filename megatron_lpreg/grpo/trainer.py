@@ -57,6 +57,15 @@ def stop_token_ids(tokenizer, hf_dir: Path) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def rollout_engine_kind(choice: str) -> str:
+    """``rollout.engine`` resolved: auto is vllm on CUDA when vLLM is installed, else hf."""
+    if choice != "auto":
+        return choice
+    from megatron_lpreg.rollout.vllm_engine import vllm_available
+
+    return "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
+
+
 def sampling_seed(seed: int, step: int, dp_rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + dp_rank) % (2**31 - 1)
 
@@ -118,10 +127,19 @@ class GRPOTrainer:
 
         self.engine = self.pool = None
         if self.engine_rank:
-            if cfg.rollout.engine == "vllm":
-                raise ConfigError("rollout.engine=vllm: the vLLM engine is not part of this build yet; use hf")
-            self.engine = HFEngine.from_config(AutoConfig.from_pretrained(hf_dir), dtype=dtype, pad_token_id=pad_id,
-                                               max_batch_size=cfg.rollout.max_batch_size)
+            if rollout_engine_kind(cfg.rollout.engine) == "vllm":
+                from megatron_lpreg.rollout.vllm_engine import VLLMEngine
+
+                # Without weights (load_format=dummy), like the HF engine: the refit below fills them.
+                # vLLM refuses a max_model_len beyond the model's context, which caps the responses.
+                max_tokens = max(cfg.rollout.max_tokens, cfg.validation.max_tokens or 0)
+                self.engine = VLLMEngine(
+                    hf_dir, dtype=cfg.model.dtype, seed=g.seed, load_format="dummy",
+                    max_model_len=min(d.max_prompt_len + max_tokens, self.spec.max_position_embeddings),
+                    gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+            else:
+                self.engine = HFEngine.from_config(AutoConfig.from_pretrained(hf_dir), dtype=dtype,
+                                                   pad_token_id=pad_id, max_batch_size=cfg.rollout.max_batch_size)
             r = cfg.reward
             self.pool = FunctionReward(r.function) if r.function else \
                 RewardPool(r.num_workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb)
@@ -337,6 +355,9 @@ class GRPOTrainer:
         return last
 
     def close(self) -> None:
+        if getattr(self.engine, "close", None) is not None:  # vLLM's engine processes
+            self.engine.close()
+            self.engine = None
         if self.pool is not None:
             self.pool.close()
             self.pool = None

