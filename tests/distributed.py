@@ -72,6 +72,18 @@ def run_distributed(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     collective_timeout_s: float = 60.0,
 ):
+    # The rendezvous port is picked free, then bound by rank 0 in its own process: another process
+    # (a parallel test run, a vLLM engine) can take it in between. That fails in init_process_group,
+    # before the body runs, so a fresh port is safe to try.
+    for attempt in range(3):
+        try:
+            return _run_once(body, world_size, tp_size, args, timeout_s, collective_timeout_s)
+        except DistributedTestError as e:
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
+
+
+def _run_once(body, world_size, tp_size, args, timeout_s, collective_timeout_s):
     from megatron_lpreg.parallel import free_port
 
     tp_size = world_size if tp_size is None else tp_size

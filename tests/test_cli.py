@@ -21,18 +21,23 @@ def _cli(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_train_writes_metrics_and_a_checkpoint(tmp_path):
+def _tiny_run_config(tmp_path, steps: int, *more_lines: str) -> Path:
+    """A run YAML for the tiny policy and arithmetic prompts (parity reward, 2 x 2 responses)."""
     policy = make_policy_dir(tmp_path / "policy")
     data = make_data(tmp_path / "data")
     config = tmp_path / "run.yaml"
-    config.write_text(
-        f"model: {{path: {policy}, dtype: float32}}\n"
-        f"data: {{train_files: [{data['train']}], template: chat}}\n"
-        "rollout: {n: 2, max_tokens: 8}\n"
-        "reward: {function: 'tests.grpo.tiny_run:parity_reward'}\n"
-        "grpo: {steps: 2, prompts_per_step: 2, mini_batch_prompts: 2, micro_batch_tokens: 512}\n"
-        "validation: {every: 0}\n"
-    )
+    config.write_text("".join(line + "\n" for line in (
+        f"model: {{path: {policy}, dtype: float32}}",
+        f"data: {{train_files: [{data['train']}], template: chat}}",
+        "rollout: {n: 2, max_tokens: 8}",
+        "reward: {function: 'tests.grpo.tiny_run:parity_reward'}",
+        f"grpo: {{steps: {steps}, prompts_per_step: 2, mini_batch_prompts: 2, micro_batch_tokens: 512}}",
+        *(line.format(**data) for line in more_lines))))
+    return config
+
+
+def test_train_writes_metrics_and_a_checkpoint(tmp_path):
+    config = _tiny_run_config(tmp_path, 2, "validation: {{every: 0}}")
     run_dir = tmp_path / "run"
     proc = _cli("train", "--config", str(config), f"run_dir={run_dir}", "logging.console=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,18 +80,8 @@ def test_train_starts_its_own_ranks_without_torchrun(tmp_path):
 
 
 def test_compare_trains_grpo_then_lp_reg_and_plots_both(tmp_path):
-    policy = make_policy_dir(tmp_path / "policy")
-    data = make_data(tmp_path / "data")
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        f"model: {{path: {policy}, dtype: float32}}\n"
-        f"data: {{train_files: [{data['train']}], template: chat}}\n"
-        "rollout: {n: 2, max_tokens: 8}\n"
-        "reward: {function: 'tests.grpo.tiny_run:parity_reward'}\n"
-        "grpo: {steps: 1, prompts_per_step: 2, mini_batch_prompts: 2, micro_batch_tokens: 512}\n"
-        f"validation: {{files: [{data['val_arith']}], every: 1, max_tokens: 6}}\n"
-        "checkpoint: {every: 0, save_at_end: false}\n"
-    )
+    config = _tiny_run_config(tmp_path, 1, "validation: {{files: [{val_arith}], every: 1, max_tokens: 6}}",
+                              "checkpoint: {{every: 0, save_at_end: false}}")
     out = tmp_path / "cmp"
     proc = _cli("compare", "--config", str(config), "--out", str(out), "grpo.seed=3")
     assert proc.returncode == 0, proc.stderr[-3000:]

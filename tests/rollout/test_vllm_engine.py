@@ -50,15 +50,12 @@ def _max_diff(a, b) -> float:
 
 def _load_shards(ctx, directory):
     from megatron_lpreg.model import build_gpt_model, parse_hf_config
-    from megatron_lpreg.weights import hf_to_megatron_shard
-    from megatron_lpreg.weights.hf_files import HFCheckpoint
+    from megatron_lpreg.weights.load import load_hf_weights
 
     spec = parse_hf_config(directory)
     model = build_gpt_model(spec).eval()
-    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, shard in hf_to_megatron_shard(spec, HFCheckpoint(directory), ctx.tp_rank, ctx.tp_size):
-            params[name].copy_(shard)
+        load_hf_weights(model, spec, directory, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
     return spec, model
 
 
