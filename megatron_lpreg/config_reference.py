@@ -54,11 +54,8 @@ def field_comments(cls) -> dict[str, str]:
                             and line_tokens[1].string == ":")
                 trailing = [t.string.lstrip("#").strip() for t in line_tokens if t.type == tokenize.COMMENT]
                 if is_field:
-                    text = " ".join(trailing) if trailing else " ".join(pending)
-                    comments[first.string] = text
+                    comments[first.string] = " ".join(trailing or pending)
                 pending = []
-            elif tok.type == tokenize.NL and not pending:
-                pass
             line_tokens = []
             continue
         if tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING):
@@ -69,11 +66,14 @@ def field_comments(cls) -> dict[str, str]:
 
 def _default(f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
-        return "required"
+        return _literal(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return _literal(f.default_factory())
+    return "required"
+
+
+def _literal(value) -> str:
+    """A value as it is written in the YAML."""
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     if value is None:
@@ -114,8 +114,7 @@ def _table(cls, prefix: str, choices: dict[str, tuple]) -> list[str]:
 def _presets() -> list[str]:
     rows = ["| `loss.preset` | fields it sets |", "| --- | --- |"]
     for name, fields in PRESETS.items():
-        text = ", ".join(f"`{k}: {'inf' if isinstance(v, float) and math.isinf(v) else v}`"
-                         for k, v in fields.items()) or "none: the defaults (Lp-Reg)"
+        text = ", ".join(f"`{k}: {_literal(v)}`" for k, v in fields.items()) or "none: the defaults (Lp-Reg)"
         rows.append(f"| `{name}` | {text} |")
     return rows
 

@@ -92,7 +92,6 @@ def stream_hf_weights(
             dist.all_gather(gathered, local, group=tp_group)
         else:
             gathered = None
-            dst = dist.get_global_rank(tp_group, dst_tp_rank) if tp_group is not None else dst_tp_rank
             if receives:
                 n = local.numel()
                 need = n * (tp_size - 1)
@@ -110,6 +109,7 @@ def stream_hf_weights(
                 for work in dist.batch_isend_irecv(ops):
                     work.wait()
             else:
+                dst = dist.get_global_rank(tp_group, dst_tp_rank) if tp_group is not None else dst_tp_rank
                 for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, local, dst, group=tp_group)]):
                     work.wait()
         del local
@@ -121,6 +121,7 @@ def stream_hf_weights(
                 shards = [g[offset:offset + n].view(p.shape) for g in gathered]
                 out.extend(to_hf(spec, find_param(spec, name, te), shards))
                 offset += n
+            del shards  # views that would keep the received buffers alive
             if workspace is not None:  # an engine may keep a tensor past this bucket: never the reused buffer
                 base = workspace.untyped_storage().data_ptr()
                 out = [(k, t.clone() if t.untyped_storage().data_ptr() == base else t) for k, t in out]
@@ -134,8 +135,7 @@ def stream_hf_weights(
             stats.names.extend(name for name, _ in out)
         yield out
         # Drop this bucket before building the next: the consumer's loop variable still points at
-        # the list, so emptying it frees the tensors (the last parameter's views too).
+        # the list, so emptying it frees the tensors.
         out.clear()
-        shards = gathered = None  # noqa: F841
     if stats is not None:
         stats.seconds += time.perf_counter() - start

@@ -11,16 +11,17 @@ from megatron_lpreg.data import write_arithmetic_dataset
 from tests.data.tiny_tokenizer import build_tiny_tokenizer
 
 
-def make_policy_dir(directory) -> Path:
+def make_policy_dir(directory, **shape) -> Path:
+    """A tiny random Qwen2 policy with the tiny tokenizer; ``shape`` overrides config fields."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
     tok = build_tiny_tokenizer()
-    config = AutoConfig.for_model(
-        "qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=len(tok), hidden_size=64,
-        intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    fields = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False, rms_norm_eps=1e-6, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    config = AutoConfig.for_model("qwen2", architectures=["Qwen2ForCausalLM"], **{**fields, **shape})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # logits of O(1) spread, so the policy is far from uniform

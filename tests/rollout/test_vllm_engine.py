@@ -239,23 +239,9 @@ def test_auto_engine_is_vllm_only_with_cuda_and_vllm(monkeypatch):
 
 def _policy_dir(directory) -> str:
     """tests.grpo.tiny_run's policy with head_dim 64 (hidden 128, 2 heads, 1 KV head)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from tests.grpo.tiny_run import make_policy_dir
 
-    from tests.data.tiny_tokenizer import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    config = AutoConfig.for_model(
-        "qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=len(tok), hidden_size=128,
-        intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 0.5)
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return str(directory)
+    return str(make_policy_dir(directory, hidden_size=128, num_attention_heads=2, num_key_value_heads=1))
 
 
 def _train(ctx, run_dir, policy, data):
