@@ -132,7 +132,7 @@ def _worker_main(conn, memory_mb: int | None, soft_timeout_s: float, grade_fn: C
         except BaseException:  # noqa: BLE001 - any failure of one answer is reward 0
             reward, status = 0.0, STATUS_ERROR
         try:
-            conn.send((task_id, reward, str(status)))
+            conn.send((task_id, reward, str(status), retire))
         except (OSError, MemoryError):
             os._exit(4)
         if retire:  # memory may be fragmented or half-freed: start clean
@@ -159,6 +159,7 @@ class _Worker:
         self.dispatched = 0.0
         self.deadline = 0.0
         self.done = 0
+        self.retiring = False  # said it exits after its last answer: replace it before the next dispatch
 
     def kill(self) -> None:
         try:
@@ -357,7 +358,7 @@ class RewardPool:
                             w.ready = True
                             startup_failures = 0
                         elif w.task is not None and msg[0] == w.task_id:
-                            _, reward, status = msg
+                            _, reward, status, w.retiring = msg
                             self._finish(w, rewards, statuses, seconds, float(reward), str(status))
                             w.done += 1
                 except (EOFError, OSError):
@@ -381,7 +382,8 @@ class RewardPool:
                 elif not w.ready and now >= w.started + _STARTUP_TIMEOUT_S:
                     startup_failures += 1
                     self._replace(idx)
-                elif w.task is None and self.max_tasks_per_worker and w.done >= self.max_tasks_per_worker:
+                elif w.task is None and (w.retiring or (self.max_tasks_per_worker
+                                                        and w.done >= self.max_tasks_per_worker)):
                     self._replace(idx)
 
             # 5. workers cannot even start (broken environment): give up on the batch, never hang
