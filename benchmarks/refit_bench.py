@@ -128,6 +128,20 @@ def _refit(ctx, model, spec, engine, bucket_bytes, per_bucket_memory=False):
                 largest=stats.largest_bucket_bytes, steps=steps)
 
 
+def _refit_shared(ctx, model, spec, engine, shared, per_rank_memory=False):
+    """One shared-memory refit (weights/shared_refit.py): seconds, and the peak extra bytes."""
+    import torch.distributed as dist
+
+    dist.barrier(group=ctx.tp_group)
+    base = _status_kb("VmRSS")
+    if per_rank_memory:
+        _reset_hwm()
+    start = time.perf_counter()
+    shared.refit(model, spec, engine_model=engine.model if engine is not None else None)
+    seconds = time.perf_counter() - start
+    return dict(seconds=seconds, peak_extra=_status_kb("VmHWM") - base if per_rank_memory else None)
+
+
 def _memcpy(nbytes: int, src=None):
     """Seconds of dst.copy_(src) for ``nbytes``: into a touched buffer, and into a fresh one (whose
     pages the kernel must fault in and zero on first write, as it must for every new refit buffer)."""
@@ -226,6 +240,19 @@ def _timing_body(ctx, args):
             s, fresh, src = _memcpy(r["bytes"], src)
             res["memcpy"].append(s)
             res["memcpy_fresh"].append(fresh)
+    # The shared-memory refit (the trainer's default for the hf engine on CPU): engine weights moved
+    # into /dev/shm once, then each rank writes its own shards there.
+    from megatron_lpreg.weights.shared_refit import SharedWeights
+
+    shared = SharedWeights.attach(engine.model if engine is not None else None, group=ctx.tp_group)
+    res["shared"] = []
+    if shared is not None:
+        _refit_shared(ctx, model, spec, engine, shared)  # warm-up
+        for _ in range(args.repeats):
+            res["shared"].append(_refit_shared(ctx, model, spec, engine, shared))
+            if ctx.tp_rank == 0:
+                s, _, src = _memcpy(res["refit"][0]["bytes"], src)
+                res["memcpy"].append(s)
     del src
     res["check"] = _check(ctx, model, spec, engine)
     return res if ctx.tp_rank == 0 else None
@@ -241,6 +268,13 @@ def _memory_body(ctx, args):
     for mb in args.bucket_mb:
         _trim()
         res[mb] = _refit(ctx, model, spec, engine, mb * MB, per_bucket_memory=True)
+    from megatron_lpreg.weights.shared_refit import SharedWeights
+
+    shared = SharedWeights.attach(engine.model if engine is not None else None, group=ctx.tp_group)
+    if shared is not None:
+        _trim()
+        _refit_shared(ctx, model, spec, engine, shared)
+        res["shared"] = _refit_shared(ctx, model, spec, engine, shared, per_rank_memory=True)
     return res if ctx.tp_rank == 0 else None
 
 
@@ -296,9 +330,17 @@ def report(res, args, wall_s) -> None:
           f"  memcpy / p2p time = {mem_s / p2p_s:.3f} (transport alone; a refit also copies at least rank 0's half)")
     print(f"  refit time beyond gather-alone + one memcpy: {refit_s - gather_s - mem_s:+.3f} s "
           f"(pack and merge copies, page faults on fresh buffers)")
+    if res["shared"]:
+        shared_s = med(r["seconds"] for r in res["shared"])
+        print(f"  shared {shared_s:7.3f} s  {_gbs(nbytes, shared_s):6.2f} GB/s   (shared-memory refit, the trainer's "
+              f"default for the hf engine on CPU: each rank writes its shards into the engine's weights)")
+        print(f"  ratio shared refit / memcpy bandwidth = {mem_s / shared_s:.3f}   (target >= 0.5);  "
+              f"shared vs streamed refit: {refit_s / shared_s:.1f}x faster")
+    else:
+        print("  shared: /dev/shm not usable here; not measured")
     print(f"  all runs (s): refit {[round(r['seconds'], 3) for r in refit]}, memcpy "
           f"{[round(s, 3) for s in res['memcpy']]}, fresh {[round(s, 3) for s in res['memcpy_fresh']]}, "
-          f"gather {[round(s, 3) for s in res['gather']]}, p2p {[round(s, 3) for s in res['p2p']]}")
+          f"gather {[round(s, 3) for s in res['gather']]}, shared {[round(r['seconds'], 3) for r in res['shared']]}, p2p {[round(s, 3) for s in res['p2p']]}")
     if res["memory"] is None:
         print("peak memory: /proc/self/clear_refs cannot reset VmHWM here; not measured")
         return
@@ -307,6 +349,7 @@ def report(res, args, wall_s) -> None:
           "(+ own / TP when the bucket packs several tensors);\nMB = 2^20 bytes:")
     print(f"  {'bucket':>8} {'buckets':>7} {'largest':>8} {'peak extra':>10} {'/largest':>8}  {'at (own, prev)':<16}"
           f" {'measured/model':>14}  steady state (own, prev <= bucket)")
+    shared_mem = res["memory"].pop("shared", None)
     for mb, r in res["memory"].items():
         steps = r["steps"]  # (own bytes, peak extra bytes, megatron params in the bucket)
         prev = [0] + [st[0] for st in steps[:-1]]
@@ -324,6 +367,8 @@ def report(res, args, wall_s) -> None:
         at = f"{steps[k][0] / MB:.0f}, {prev[k] / MB:.0f} MB"
         print(f"  {mb:>5} MB {r['buckets']:>7} {r['largest'] / MB:>5.0f} MB {peak / MB:>7.0f} MB {peak / r['largest']:>8.2f}"
               f"  {at:<16} {min(ratios):>6.2f}-{max(ratios):<6.2f}  {steady_txt}")
+    if shared_mem is not None:
+        print(f"  shared-memory refit: peak extra {shared_mem['peak_extra'] / MB:.0f} MB (no buckets)")
     print(f"\nbenchmark wall time {wall_s:.1f} s (model + engine set-up {res['setup_s']:.1f} s)")
 
 

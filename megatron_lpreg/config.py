@@ -77,6 +77,7 @@ class RolloutConfig:
     max_tokens: int = 8192  # response length
     max_batch_size: int = 64  # sequences per generate call (hf engine)
     refit_bucket_mb: int = 512  # weights stream into the engine in buckets of at most this size
+    refit_shared_memory: bool = True  # hf engine on CPU: each TP rank writes its shards straight into the engine's weights in /dev/shm (no buckets); falls back to buckets where a rank cannot map it
     gpu_memory_utilization: float = 0.5  # vllm, colocated with the trainer
 
 

@@ -144,6 +144,14 @@ class GRPOTrainer:
             self.pool = FunctionReward(r.function) if r.function else \
                 RewardPool(r.num_workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb)
 
+        self.shared_weights = None
+        if cfg.rollout.refit_shared_memory and ctx.device.type == "cpu" and \
+                rollout_engine_kind(cfg.rollout.engine) == "hf":
+            from megatron_lpreg.weights.shared_refit import SharedWeights
+
+            # Collective over the TP group; None on every rank (bucketed stream) where one cannot map it.
+            self.shared_weights = SharedWeights.attach(self.engine.model if self.engine else None,
+                                                       group=ctx.tp_group, dst_rank=0)
         self.step = 0
         self.best: dict | None = None
         self.resumed_from = self._resume()
@@ -189,6 +197,12 @@ class GRPOTrainer:
         from megatron_lpreg.weights.refit import stream_hf_weights
 
         start = time.perf_counter()
+        if self.shared_weights is not None:
+            self.shared_weights.refit(self.model, self.spec, te=self.te,
+                                      engine_model=self.engine.model if self.engine else None)
+            if self.engine is not None:
+                self.engine.mark_loaded()
+            return time.perf_counter() - start
         # The real group even at TP=1: refit reads its size from the group, None means the world.
         buckets = stream_hf_weights(self.model, self.spec, tp_group=self.ctx.tp_group, te=self.te,
                                     bucket_bytes=self.cfg.rollout.refit_bucket_mb << 20, dst_tp_rank=0)

@@ -68,6 +68,10 @@ class HFEngine:
             loaded += 1
         return loaded
 
+    def mark_loaded(self) -> None:
+        """Every weight was written in place (the shared-memory refit, weights/shared_refit.py)."""
+        self._missing.clear()
+
     def sleep(self, level: int = 1) -> None:
         """Level 1 keeps the weights (a CPU engine has no cache to free between calls); level 2
         frees them, as vLLM's sleep level 2 does, and the next refit re-allocates them."""

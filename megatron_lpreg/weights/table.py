@@ -18,7 +18,7 @@ e.g. over safetensors files, is read only for the names a parameter needs).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -293,6 +293,31 @@ def to_hf(spec: ModelSpec, param: Param, shards: list[torch.Tensor]) -> list[tup
     else:
         tensors = tp_rules.merge_gate_up(shards)
     return list(zip(param.hf, tensors))
+
+
+def place_shard(spec: ModelSpec, param: Param, shard: torch.Tensor, full: Sequence[torch.Tensor], tp_rank: int,
+                tp_size: int) -> None:
+    """Write TP rank ``tp_rank``'s shard of ``param`` into its full HF tensors ``full`` (in the order of
+    ``param.hf``), in place: what ``to_hf`` builds once every rank has placed its shard. A replicated
+    parameter is written by every caller; the shared-memory refit lets only one rank do it."""
+    expected = megatron_shard_shape(spec, param, tp_size)
+    if tuple(shard.shape) != expected:
+        raise WeightTableError(f"Megatron {param.megatron!r} shard of TP rank {tp_rank}/{tp_size} has shape "
+                               f"{tuple(shard.shape)}, but the config implies {expected}")
+    for name, shape, tensor in zip(param.hf, param.hf_shapes, full):
+        if tuple(tensor.shape) != shape:
+            raise WeightTableError(f"HF tensor {name!r} has shape {tuple(tensor.shape)}, but the config implies {shape}")
+    split = param.split
+    if split is Split.REPLICATED:
+        tp_rules.place_replicated(shard, *full)
+    elif split is Split.ROW:
+        tp_rules.place_row(shard, *full, tp_rank, tp_size)
+    elif split is Split.VOCAB:
+        tp_rules.place_vocab(shard, *full, tp_rank)
+    elif split is Split.QKV:
+        tp_rules.place_qkv(shard, *full, tp_rank, tp_size, spec.num_kv_heads)
+    else:
+        tp_rules.place_gate_up(shard, *full, tp_rank, tp_size)
 
 
 def hf_to_megatron_shard(

@@ -114,3 +114,41 @@ def shard_gate_up(gate: torch.Tensor, up: torch.Tensor, rank: int, tp: int) -> t
 def merge_gate_up(shards: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     halves = [s.chunk(2, dim=0) for s in shards]
     return torch.cat([g for g, _ in halves], dim=0), torch.cat([u for _, u in halves], dim=0)
+
+
+# -- place: one rank's shard written straight into the full HF tensor(s), in place ---------------
+# The shared-memory refit (weights/shared_refit.py) has every rank write its own shard into the
+# engine's weights, so nothing is gathered or merged. Each ``place_*`` is the inverse of its
+# ``shard_*`` for one rank; placing every rank's shard reproduces ``merge_*``.
+
+
+def place_replicated(shard: torch.Tensor, full: torch.Tensor) -> None:
+    full.copy_(shard)
+
+
+def place_row(shard: torch.Tensor, full: torch.Tensor, rank: int, tp: int) -> None:
+    full.chunk(tp, dim=1)[rank].copy_(shard)
+
+
+def place_vocab(shard: torch.Tensor, full: torch.Tensor, rank: int) -> None:
+    """Padding rows (ids >= vocab) of the shard have no place in the HF tensor."""
+    local = shard.shape[0]
+    real = full[rank * local:(rank + 1) * local]
+    real.copy_(shard[:real.shape[0]])
+
+
+def place_qkv(shard: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int, tp: int,
+              num_groups: int) -> None:
+    per_rank = num_groups // tp
+    groups = slice(rank * per_rank, (rank + 1) * per_rank)
+    rest = tuple(q.shape[1:])
+    sizes = [t.shape[0] // num_groups for t in (q, k, v)]
+    parts = shard.view((per_rank, sum(sizes)) + rest).split(sizes, dim=1)
+    for full, part in zip((q, k, v), parts):
+        full.view((num_groups, -1) + rest)[groups].copy_(part)
+
+
+def place_gate_up(shard: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, rank: int, tp: int) -> None:
+    g, u = shard.chunk(2, dim=0)
+    gate.chunk(tp, dim=0)[rank].copy_(g)
+    up.chunk(tp, dim=0)[rank].copy_(u)

@@ -1,0 +1,170 @@
+"""Refit through shared memory: every TP rank writes its own shards straight into the engine's weights.
+
+When the rollout engine lives on the same machine as every rank of its TP group (the transformers
+engine on CPU), nothing needs to travel: the engine's parameters are moved into one /dev/shm mapping
+that the whole group maps too, and each rank places its shards where they belong in the full HF
+tensors (``table.place_shard``). No bucket, no gather, no merge and no extra memory at all; the
+ranks copy in parallel. It is the CPU counterpart of the CUDA-IPC handles colocated vLLM refits use.
+
+The file is unlinked once every rank has mapped it, so a crash leaves nothing behind in /dev/shm.
+Where a rank cannot see the engine rank's file (another machine, another /dev/shm namespace, no
+/dev/shm), ``SharedWeights.attach`` returns None on every rank and the trainer streams buckets
+instead (``refit.stream_hf_weights``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_lpreg.model.hf_config import ModelSpec
+from megatron_lpreg.weights.refit import RefitStats
+from megatron_lpreg.weights.table import find_param, is_weight, place_shard
+from megatron_lpreg.weights.tp_rules import Split
+
+SHM_DIR = "/dev/shm"
+_ALIGN = 64  # bytes: every tensor starts on a cache line
+_TOKEN_BYTES = 16  # the header: random bytes that prove a rank mapped the engine rank's memory
+
+
+class SharedWeightsError(RuntimeError):
+    """The engine's weights no longer live in the shared mapping (e.g. it slept at level 2)."""
+
+
+@dataclass
+class _Entry:
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _layout(named: list[tuple[str, torch.Tensor]]) -> tuple[dict[str, _Entry], int]:
+    entries, offset = {}, _ALIGN
+    for name, t in named:
+        entries[name] = _Entry(offset, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    return entries, offset
+
+
+def _views(arena: torch.Tensor, layout: dict[str, _Entry]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, e in layout.items():
+        dtype = getattr(torch, e.dtype)
+        nbytes = torch.Size(e.shape).numel() * torch.empty((), dtype=dtype).element_size()
+        out[name] = arena[e.offset:e.offset + nbytes].view(dtype).view(e.shape)
+    return out
+
+
+def _group_info(group) -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class SharedWeights:
+    """One TP group's map of the engine's weights: HF name -> a view into the shared mapping."""
+
+    def __init__(self, arena: torch.Tensor, views: dict[str, torch.Tensor], group, dst_rank: int):
+        self.arena = arena
+        self.views = views
+        self.group = group
+        self.dst_rank = dst_rank
+        self.nbytes = int(arena.numel())
+
+    @classmethod
+    def attach(cls, engine_model: torch.nn.Module | None, *, group=None, dst_rank: int = 0,
+               shm_dir: str = SHM_DIR) -> "SharedWeights | None":
+        """Collective over ``group``: move the engine's parameters (``engine_model``, given on TP
+        rank ``dst_rank`` only) into shared memory that every rank of the group maps. None on every
+        rank when some rank cannot map it."""
+        rank, size = _group_info(group)
+        arena = path = None
+        msg: list = [None]
+        if rank == dst_rank:
+            if engine_model is None:
+                raise ValueError("SharedWeights.attach: the engine rank must pass the engine's model")
+            named = list(engine_model.named_parameters())  # tied parameters are listed once
+            layout, total = _layout(named)
+            path = os.path.join(shm_dir, f"megatron-lpreg-weights-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+            try:
+                arena = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
+                token = secrets.token_bytes(_TOKEN_BYTES)
+                arena[:_TOKEN_BYTES].copy_(torch.frombuffer(bytearray(token), dtype=torch.uint8))
+                msg = [(path, total, layout, token)]
+            except (OSError, RuntimeError):
+                arena = None
+        if size > 1:
+            dist.broadcast_object_list(msg, group_src=dst_rank, group=group)
+        if rank != dst_rank and msg[0] is not None:
+            arena = _map_existing(*msg[0])
+        ok = torch.tensor([int(arena is not None)], dtype=torch.int32)
+        if size > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+        if path is not None:
+            os.unlink(path)  # every rank that could map it has: the memory lives while mapped
+        if not ok.item():
+            return None
+        layout = msg[0][2]
+        views = _views(arena, layout)
+        if rank == dst_rank:
+            with torch.no_grad():
+                for name, p in engine_model.named_parameters():
+                    views[name].copy_(p.data)
+                    p.data = views[name]  # frees the private copy; a tied head follows its embedding
+        return cls(arena, views, group, dst_rank)
+
+    def check_engine(self, engine_model: torch.nn.Module) -> None:
+        """The engine still computes with the shared weights (raises SharedWeightsError if not)."""
+        for name, p in engine_model.named_parameters():
+            view = self.views.get(name)
+            if view is None or p.data_ptr() != view.data_ptr():
+                raise SharedWeightsError(
+                    f"engine parameter {name!r} is no longer in the shared refit memory (re-allocated, e.g. "
+                    "by sleep(level=2)); set rollout.refit_shared_memory=false to stream buckets instead")
+
+    @torch.no_grad()
+    def refit(self, model, spec: ModelSpec, *, te: bool = False, engine_model: torch.nn.Module | None = None,
+              stats: RefitStats | None = None) -> None:
+        """Collective over the group: write this rank's Megatron shards into the engine's weights.
+        The barriers keep every write inside the window where the engine is idle."""
+        rank, size = _group_info(self.group)
+        if engine_model is not None:
+            self.check_engine(engine_model)
+        start = time.perf_counter()
+        if size > 1:
+            dist.barrier(group=self.group)
+        written = tensors = 0
+        for name, p in model.named_parameters():
+            if not is_weight(name):
+                continue
+            param = find_param(spec, name, te)
+            if param.split is Split.REPLICATED and rank != self.dst_rank:
+                continue  # identical on every rank: one writer
+            place_shard(spec, param, p.detach(), [self.views[h] for h in param.hf], rank, size)
+            written += p.numel() * p.element_size()
+            tensors += len(param.hf)
+        if size > 1:
+            dist.barrier(group=self.group)
+        if stats is not None:
+            stats.bytes += written
+            stats.tensors += tensors
+            stats.seconds += time.perf_counter() - start
+
+
+def _map_existing(path: str, total: int, layout, token: bytes) -> torch.Tensor | None:
+    """The engine rank's mapping, if this rank sees the same memory (not merely a same-named file)."""
+    try:
+        if os.path.getsize(path) != total:
+            return None
+        arena = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
+    except (OSError, RuntimeError):
+        return None
+    if bytes(arena[:_TOKEN_BYTES].tolist()) != token:
+        return None
+    return arena
