@@ -194,18 +194,19 @@ class GRPOTrainer:
     # ---------------------------------------------------------------------------- one step
     def refit(self) -> float:
         """Stream the Megatron weights into the rollout engine (collective over the TP group)."""
-        from megatron_lpreg.weights.refit import stream_hf_weights
+        from megatron_lpreg.weights.refit import RefitStats, stream_hf_weights
 
         start = time.perf_counter()
+        self.refit_stats = stats = RefitStats()
         if self.shared_weights is not None:
             self.shared_weights.refit(self.model, self.spec, te=self.te,
-                                      engine_model=self.engine.model if self.engine else None)
+                                      engine_model=self.engine.model if self.engine else None, stats=stats)
             if self.engine is not None:
                 self.engine.mark_loaded()
             return time.perf_counter() - start
         # The real group even at TP=1: refit reads its size from the group, None means the world.
         buckets = stream_hf_weights(self.model, self.spec, tp_group=self.ctx.tp_group, te=self.te,
-                                    bucket_bytes=self.cfg.rollout.refit_bucket_mb << 20, dst_tp_rank=0)
+                                    bucket_bytes=self.cfg.rollout.refit_bucket_mb << 20, dst_tp_rank=0, stats=stats)
         for bucket in buckets:
             if self.engine is not None:
                 self.engine.update_weights(bucket)
@@ -281,6 +282,7 @@ class GRPOTrainer:
             "optim/steps": float(len(results)),
         })
         metrics.update(times)
+        metrics["refit/mb"] = self.refit_stats.bytes / 2**20
         metrics["time/step"] = time.perf_counter() - t0
         self.step = step
         return metrics

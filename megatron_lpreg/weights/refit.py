@@ -30,7 +30,7 @@ DEFAULT_BUCKET_BYTES = 512 * 1024**2
 class RefitStats:
     """What one refit moved; the trainer logs it (``timing/refit``, ``refit/bytes``)."""
 
-    bytes: int = 0  # full HF bytes delivered (per receiving rank)
+    bytes: int = 0  # full HF bytes delivered (per receiving rank); shared-memory refit: written by this rank
     buckets: int = 0
     tensors: int = 0
     seconds: float = 0.0

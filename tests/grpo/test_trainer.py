@@ -37,10 +37,12 @@ def _train(ctx, run_dir, policy, data, overrides):
         return {"changed": changed, "params": len(initial), "step": trainer.step}
 
 
-@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
-def test_three_steps(tmp_path, assets, tp):
+# tp2 refits through shared memory (the CPU default), dp2 streams buckets (its fallback).
+@pytest.mark.parametrize("tp,overrides", [(2, ()), (1, ("rollout.refit_shared_memory=false",))],
+                         ids=["tp2", "dp2"])
+def test_three_steps(tmp_path, assets, tp, overrides):
     policy, data = assets
-    results = run_distributed(_train, world_size=2, tp_size=tp, args=(str(tmp_path), policy, data, ()),
+    results = run_distributed(_train, world_size=2, tp_size=tp, args=(str(tmp_path), policy, data, overrides),
                               timeout_s=300)
     assert [r["step"] for r in results] == [3, 3]
     for r in results:  # every weight of every rank moved (the TP shards and the replicated norms)
@@ -56,6 +58,7 @@ def test_three_steps(tmp_path, assets, tp):
         assert 0 < row["reward/mean"] < 1
         # The engine's raw log-probs and the trainer's recomputation agree (same weights after refit).
         assert row["rollout/logprob_abs_diff"] < 1e-4
+        assert row["refit/mb"] > 0
     assert sum(r["lpreg/selected"] for r in rows[1:]) > 0
     assert all(r["lpreg/selected"] <= r["lpreg/lowest"] <= r["lpreg/candidates"] for r in rows[1:])
     assert "val/mean" in rows[2] and "val/best" in rows[2]
