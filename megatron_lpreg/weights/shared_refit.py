@@ -70,7 +70,8 @@ def _group_info(group) -> tuple[int, int]:
 class SharedWeights:
     """One TP group's map of the engine's weights: HF name -> a view into the shared mapping."""
 
-    def __init__(self, arena: torch.Tensor, views: dict[str, torch.Tensor], group, dst_rank: int):
+    def __init__(self, arena: torch.Tensor, views: dict[str, torch.Tensor], group, dst_rank: int, path: str):
+        self.path = path  # unlinked already: only the mappings keep the memory
         self.arena = arena
         self.views = views
         self.group = group
@@ -93,12 +94,16 @@ class SharedWeights:
             layout, total = _layout(named)
             path = os.path.join(shm_dir, f"megatron-lpreg-weights-{os.getpid()}-{uuid.uuid4().hex[:12]}")
             try:
+                _reserve(path, total)
                 arena = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
                 token = secrets.token_bytes(_TOKEN_BYTES)
                 arena[:_TOKEN_BYTES].copy_(torch.frombuffer(bytearray(token), dtype=torch.uint8))
                 msg = [(path, total, layout, token)]
             except (OSError, RuntimeError):
                 arena = None
+                if os.path.exists(path):
+                    os.unlink(path)
+                path = None
         if size > 1:
             dist.broadcast_object_list(msg, group_src=dst_rank, group=group)
         if rank != dst_rank and msg[0] is not None:
@@ -117,7 +122,7 @@ class SharedWeights:
                 for name, p in engine_model.named_parameters():
                     views[name].copy_(p.data)
                     p.data = views[name]  # frees the private copy; a tied head follows its embedding
-        return cls(arena, views, group, dst_rank)
+        return cls(arena, views, group, dst_rank, msg[0][0])
 
     def check_engine(self, engine_model: torch.nn.Module) -> None:
         """The engine still computes with the shared weights (raises SharedWeightsError if not)."""
@@ -155,6 +160,16 @@ class SharedWeights:
             stats.bytes += written
             stats.tensors += tensors
             stats.seconds += time.perf_counter() - start
+
+
+def _reserve(path: str, total: int) -> None:
+    """Create the file with all its pages allocated now: a sparse file on a full tmpfs (Docker's
+    /dev/shm is 64 MB by default) would kill the process with SIGBUS at the first write instead."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, total)
+    finally:
+        os.close(fd)
 
 
 def _map_existing(path: str, total: int, layout, token: bytes) -> torch.Tensor | None:

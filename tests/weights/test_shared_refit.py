@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import glob
+import os
 
 import pytest
 import torch
@@ -80,8 +80,8 @@ def _body(ctx, dirs: dict):
         engine = HFEngine.from_config(AutoConfig.from_pretrained(directory)) if ctx.tp_rank == 0 else None
         shared = SharedWeights.attach(engine.model if engine else None, group=ctx.tp_group)
         assert shared is not None
-        leftovers = glob.glob("/dev/shm/megatron-lpreg-weights-*")
-        res = {"leftovers": leftovers}
+        torch.distributed.barrier()
+        res = {"leftovers": [shared.path] if os.path.exists(shared.path) else []}
         stats = RefitStats()
         shared.refit(model, spec, engine_model=engine.model if engine else None, stats=stats)
         if engine is not None:
@@ -121,10 +121,13 @@ def _fallback_body(ctx):
     before = {n: p.data_ptr() for n, p in engine.model.named_parameters()} if engine else None
     if ctx.tp_rank == 1:  # as if rank 1 were on another machine
         shared_refit._map_existing = lambda *args: None
+    made = []
+    reserve = shared_refit._reserve
+    shared_refit._reserve = lambda path, total: (made.append(path), reserve(path, total))
     shared = shared_refit.SharedWeights.attach(engine.model if engine else None, group=ctx.tp_group)
     untouched = before == {n: p.data_ptr() for n, p in engine.model.named_parameters()} if engine else None
     del parse_hf_config
-    return shared is None, untouched, glob.glob("/dev/shm/megatron-lpreg-weights-*")
+    return shared is None, untouched, [p for p in made if os.path.exists(p)]
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +157,24 @@ def test_attach_falls_back_when_a_rank_cannot_map_the_engine_memory():
     for fell_back, _, leftovers in results:
         assert fell_back and leftovers == []
     assert results[0][1] is True  # the engine keeps its own weights
+
+
+def test_attach_falls_back_when_shm_has_no_room(tmp_path, monkeypatch):
+    """posix_fallocate fails up front (ENOSPC) instead of a SIGBUS at the first write."""
+    import errno
+
+    from megatron_lpreg.rollout import HFEngine
+    from megatron_lpreg.weights import shared_refit
+    from tests.model.tiny_models import tiny_hf_config
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    engine = HFEngine.from_config(tiny_hf_config("qwen2"))
+    assert shared_refit.SharedWeights.attach(engine.model, shm_dir=str(tmp_path)) is None
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    shared = shared_refit.SharedWeights.attach(engine.model, shm_dir=str(tmp_path))
+    assert shared is not None and list(tmp_path.iterdir()) == []  # world of one: mapped, then unlinked
+    assert all(p.data_ptr() == shared.views[n].data_ptr() for n, p in engine.model.named_parameters())
