@@ -32,6 +32,7 @@ from megatron_lpreg.grpo.state import (
     complete_checkpoints, load_training_checkpoint, prune_checkpoints, save_training_checkpoint, step_dir,
 )
 from megatron_lpreg.grpo.validation import validate
+from megatron_lpreg.memory import MB, PhasePeaks, parameter_bytes
 from megatron_lpreg.parallel import init_distributed
 from megatron_lpreg.rollout.engine import SamplingParams
 
@@ -146,6 +147,7 @@ class GRPOTrainer:
 
         self.step = 0
         self.best: dict | None = None
+        self.memory = PhasePeaks(ctx.device)
         self.resumed_from = self._resume()
         self.last_refit_s = self.refit()
         self.metrics_logger = self._make_logger()
@@ -238,24 +240,28 @@ class GRPOTrainer:
         c = self.cfg
         loss_cfg = loss_cfg or c.loss
         t = time.perf_counter()
-        scores = score_rollouts(self.policy, batch, loss_cfg)
+        with self.memory.phase("logprob"):
+            scores = score_rollouts(self.policy, batch, loss_cfg)
         batch.old_logprobs, batch.proxy_logprobs = scores["old_logprobs"], scores["proxy_logprobs"]
         times = {"time/logprob": time.perf_counter() - t}
         t = time.perf_counter()
         g = c.grpo
-        loss_sums, results = train_on_rollouts(
-            self.policy, batch, loss_cfg, self.optimizer,
-            num_minibatches=g.prompts_per_step // g.mini_batch_prompts, epochs=g.epochs)
+        with self.memory.phase("train"):
+            loss_sums, results = train_on_rollouts(
+                self.policy, batch, loss_cfg, self.optimizer,
+                num_minibatches=g.prompts_per_step // g.mini_batch_prompts, epochs=g.epochs)
         times["time/train"] = time.perf_counter() - t
         return scores, loss_sums, results, times
 
     def train_step(self) -> dict[str, float]:
         step = self.step + 1
         t0 = time.perf_counter()
-        graded, batch, truncated = self.collect(step)
+        with self.memory.phase("rollout"):
+            graded, batch, truncated = self.collect(step)
         scores, loss_sums, results, times = self.learn(batch)
-        times.update({"time/rollout": graded.generate_s, "time/reward": graded.reward_s,
-                      "time/refit": self.refit()})
+        with self.memory.phase("refit"):
+            refit_s = self.refit()
+        times.update({"time/rollout": graded.generate_s, "time/reward": graded.reward_s, "time/refit": refit_s})
 
         sums = self._rollout_metrics(graded, batch, scores, truncated)
         sums.merge(loss_sums)
@@ -267,6 +273,8 @@ class GRPOTrainer:
             "optim/steps": float(len(results)),
         })
         metrics.update(times)
+        # Peaks are the max over all ranks; every TP rank holds equal shards, so one rank's size is all's.
+        metrics.update(self.memory.metrics(), **{"memory/model_mb": parameter_bytes(self.model) / MB})
         metrics["time/step"] = time.perf_counter() - t0
         self.step = step
         return metrics
