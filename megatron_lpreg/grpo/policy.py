@@ -58,10 +58,10 @@ def _response_values(values: torch.Tensor, data: dict) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def score_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig) -> dict[str, list]:
-    """Old log-probs, proxy log-probs (Lp-Reg only) and entropies of every response token."""
+    """Old log-probs, proxy log-probs and kept masses M (Lp-Reg only), entropies of every response token."""
     pc.model.eval()
     n = len(batch)
-    out = {"old_logprobs": [None] * n, "proxy_logprobs": [None] * n, "entropy": [None] * n}
+    out = {"old_logprobs": [None] * n, "proxy_logprobs": [None] * n, "entropy": [None] * n, "kept_mass": [None] * n}
     for rows, data in _microbatches(pc, batch, list(range(n))):
         logits = model_logits(pc.model, data["tokens"])
         stats = vocab_parallel_token_stats(
@@ -72,6 +72,7 @@ def score_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig
         fields = {"old_logprobs": stats.logprobs, "entropy": stats.entropy}
         if loss_cfg.enabled:
             fields["proxy_logprobs"] = stats.proxy_logprobs
+            fields["kept_mass"] = stats.kept_mass
         for name, values in fields.items():
             for i, v in zip(rows, _response_values(values, data)):
                 out[name][i] = v
@@ -106,6 +107,7 @@ def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCon
     metrics = MetricSums()
     steps = []
     need_entropy = loss_cfg.entropy_coef > 0 or loss_cfg.high_entropy_fraction < 1.0
+    current_proxy = loss_cfg.enabled and loss_cfg.proxy_source == "current"
     for _ in range(epochs):
         for mini in _minibatches(len(batch), num_minibatches):
             thresholds = None
@@ -129,10 +131,13 @@ def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCon
                 exact_kl = _exact_kl(pc, logits, loss_cfg) if loss_cfg.enabled and loss_cfg.kl != "k3" else None
                 stats = vocab_parallel_token_stats(
                     logits, data["targets"], group=pc.tp_group, vocab_size=pc.vocab_size,
-                    entropy=need_entropy, proxy=False, inplace=exact_kl is None,
+                    entropy=need_entropy, proxy=current_proxy, kappa=loss_cfg.kappa,
+                    threshold=loss_cfg.threshold, inplace=exact_kl is None,
                 )
+                # proxy_source=current: pi_proxy from pi_theta's logits as they are now (no grad).
+                proxy = stats.proxy_logprobs if current_proxy else data["proxy_logprobs"]
                 loss, m = lp_reg_policy_loss(
-                    stats.logprobs, data["old_logprobs"], data["proxy_logprobs"], data["advantages"],
+                    stats.logprobs, data["old_logprobs"], proxy, data["advantages"],
                     data["loss_mask"], loss_cfg, exact_kl, entropy=stats.entropy, thresholds=thresholds,
                     global_tokens=global_tokens,
                 )

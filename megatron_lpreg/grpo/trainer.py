@@ -303,6 +303,9 @@ class GRPOTrainer:
                      in zip(graded.completions, scores["old_logprobs"]) if len(old)]
             sums.add({"entropy/mean": entropy,
                       "rollout/logprob_abs_diff": float(sum(diffs)) / tokens}, weight=tokens)
+            if scores["kept_mass"][0] is not None:  # Lp-Reg: M of the proxy under pi_old
+                sums.add({"lpreg/kept_mass_mean": sum(float(v.sum()) for v in scores["kept_mass"]) / tokens},
+                         weight=tokens)
         return sums
 
     # ---------------------------------------------------------------------------- validation, checkpoints
