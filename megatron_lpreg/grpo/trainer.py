@@ -101,6 +101,8 @@ class GRPOTrainer:
         self.spec = parse_hf_config(hf_dir)
         dtype = getattr(torch, cfg.model.dtype)
         self.te = transformer_engine_available() if cfg.model.use_te is None else cfg.model.use_te
+        if g.pack_sequences and self.te:  # TE's attention applies its own causal mask, not ours
+            raise ConfigError("grpo.pack_sequences needs the local layer spec: set model.use_te=false")
         self.model = build_gpt_model(self.spec, dtype, self.te, recompute=cfg.model.recompute)
         if cfg.model.load:
             ckpt.load_model(self.model, cfg.model.load)
@@ -116,7 +118,7 @@ class GRPOTrainer:
         self.policy = PolicyContext(
             model=self.model, vocab_size=self.spec.vocab_size, pad_id=pad_id, device=ctx.device,
             tp_group=self.tp_group, dp_group=self.dp_group, dp_size=ctx.dp_size,
-            micro_batch_tokens=g.micro_batch_tokens, pad_to_multiple=g.pad_to_multiple)
+            micro_batch_tokens=g.micro_batch_tokens, pad_to_multiple=g.pad_to_multiple, pack_sequences=g.pack_sequences)
 
         d = cfg.data
         fields = DataFields(d.prompt_key, d.data_source_key, d.ground_truth_key)
