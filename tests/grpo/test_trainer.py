@@ -56,6 +56,7 @@ def test_three_steps(tmp_path, assets, tp):
         assert 0 < row["reward/mean"] < 1
         # The engine's raw log-probs and the trainer's recomputation agree (same weights after refit).
         assert row["rollout/logprob_abs_diff"] < 1e-4
+        assert 0 < row["lpreg/kept_mass_mean"] <= 1 and row["memory/rise_refit_mb"] >= 0
     assert sum(r["lpreg/selected"] for r in rows[1:]) > 0
     assert all(r["lpreg/selected"] <= r["lpreg/lowest"] <= r["lpreg/candidates"] for r in rows[1:])
     assert "val/mean" in rows[2] and "val/best" in rows[2]
