@@ -124,25 +124,26 @@ def main(argv=None) -> None:
 
     stats = {name: layout_stats(lengths, mbs) for name, mbs in layouts(lengths, args.budget, fixed_count).items()}
     real_microbatches = policy.token_budget_microbatches
-    results = {name: (math.nan, math.nan) for name in stats}
-    for name in () if args.layout_only else stats:
-        pc = policy.PolicyContext(model=model, vocab_size=spec.vocab_size, pad_id=0, device=ctx.device,
-                                  tp_group=None, dp_group=None, dp_size=1, micro_batch_tokens=args.budget,
-                                  pack_sequences=name == "packed")
-        policy.token_budget_microbatches = _fixed(fixed_count) if name == "fixed" else real_microbatches
-        try:
-            score_t, train_t = [], []
-            for it in range(args.iters + 1):
+    contexts = {name: policy.PolicyContext(
+        model=model, vocab_size=spec.vocab_size, pad_id=0, device=ctx.device, tp_group=None, dp_group=None,
+        dp_size=1, micro_batch_tokens=args.budget, pack_sequences=name == "packed") for name in stats}
+    times = {name: ([], []) for name in stats}
+    # Variants take turns within each iteration, so a shared machine's load drifts over all alike.
+    for _ in range(0 if args.layout_only else args.iters + 1):
+        for name, pc in contexts.items():
+            policy.token_budget_microbatches = _fixed(fixed_count) if name == "fixed" else real_microbatches
+            try:
                 t = time.perf_counter()
                 scores = policy.score_rollouts(pc, batch, cfg)
-                score_t.append(time.perf_counter() - t)
+                times[name][0].append(time.perf_counter() - t)
                 batch.old_logprobs, batch.proxy_logprobs = scores["old_logprobs"], scores["proxy_logprobs"]
                 t = time.perf_counter()
                 policy.train_on_rollouts(pc, batch, cfg, _ClearGrads(model), num_minibatches=1, epochs=1)
-                train_t.append(time.perf_counter() - t)
-        finally:
-            policy.token_budget_microbatches = real_microbatches
-        results[name] = (statistics.median(score_t[1:]), statistics.median(train_t[1:]))
+                times[name][1].append(time.perf_counter() - t)
+            finally:
+                policy.token_budget_microbatches = real_microbatches
+    results = {name: tuple(statistics.median(t[1:]) if len(t) > 1 else math.nan for t in pair)
+               for name, pair in times.items()}
 
     base = stats["bucket"]
     print(f"{'variant':8} {'micro-batches':>13} {'computed':>9} {'padding':>8} {'attention':>9} "
