@@ -50,6 +50,7 @@ QUANTITIES: tuple[tuple[str, str, str, str, bool], ...] = (
     ("delta_rho", "lpreg/delta_rho", r"Lp-Reg threshold $\delta_\rho$", "probability", True),
     ("pass_share", "lpreg/pass_share", "Lowest-$\\rho$ tokens passing the proxy filter", "share", False),
     ("lpreg_selected", "lpreg/selected", "Lp-Reg regularised tokens", "tokens", False),
+    ("kept_mass", "lpreg/kept_mass_mean", "Proxy kept mass $M$", "probability", False),
     ("clipfrac", "pg/clipfrac", "Policy-gradient clip fraction", "fraction", False),
     ("grad_norm", "optim/grad_norm", "Gradient norm", "norm", False),
     ("step_time", "time/step", "Step time", "seconds", False),

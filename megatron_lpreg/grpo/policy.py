@@ -18,6 +18,7 @@ import torch
 
 from megatron_lpreg.grpo.batching import RolloutBatch, collate, token_budget_microbatches
 from megatron_lpreg.grpo.metrics import MetricSums
+from megatron_lpreg.grpo.packing import pack_rows, token_budget_packs
 from megatron_lpreg.loss import (
     LpRegConfig, lp_reg_policy_loss, selection_thresholds, vocab_parallel_forward_kl_to_proxy,
     vocab_parallel_reverse_kl_to_proxy, vocab_parallel_token_stats,
@@ -38,14 +39,38 @@ class PolicyContext:
     dp_size: int
     micro_batch_tokens: int
     pad_to_multiple: int = 1
+    pack_sequences: bool = False  # several sequences per row, block-diagonal attention (grpo.packing)
 
 
 def _microbatches(pc: PolicyContext, batch: RolloutBatch, indices: list[int]):
+    """(batch indices, collated data) per micro-batch; with packing, data["packed"] holds the rows
+    the model runs on, the loss still sees ``collate``'s [B, S] layout."""
     lengths = [batch.lengths[i] for i in indices]
-    for mb in token_budget_microbatches(lengths, pc.micro_batch_tokens, pad_to_multiple=pc.pad_to_multiple):
-        rows = [indices[j] for j in mb]
+    if pc.pack_sequences:
+        groups = token_budget_packs(lengths, pc.micro_batch_tokens, pad_to_multiple=pc.pad_to_multiple)
+    else:
+        groups = [[mb] for mb in token_budget_microbatches(lengths, pc.micro_batch_tokens,
+                                                          pad_to_multiple=pc.pad_to_multiple)]
+    for group in groups:
+        packs = [[indices[j] for j in row] for row in group]
+        rows = [i for pack in packs for i in pack]
         data = collate(batch, rows, pc.pad_id, pc.pad_to_multiple)
-        yield rows, {k: v.to(pc.device) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+        if pc.pack_sequences:
+            data["packed"] = pack_rows(data, packs, rows, pc.pad_id, pc.pad_to_multiple)
+        yield rows, {k: v.to(pc.device) if hasattr(v, "to") else v for k, v in data.items()}
+
+
+def _forward(pc: PolicyContext, data: dict):
+    """(vocab-sharded logits, their targets, the PackedRows or None): packed rows when packing."""
+    packed = data.get("packed")
+    if packed is None:
+        return model_logits(pc.model, data["tokens"]), data["targets"], None
+    return model_logits(pc.model, packed.tokens, packed.attention_mask), packed.targets, packed
+
+
+def _unpack(packed, values):
+    """Per-token values of the model's rows -> ``collate``'s [B, S] layout."""
+    return values if packed is None or values is None else packed.unpack(values)
 
 
 def _response_values(values: torch.Tensor, data: dict) -> list[torch.Tensor]:
@@ -58,35 +83,36 @@ def _response_values(values: torch.Tensor, data: dict) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def score_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig) -> dict[str, list]:
-    """Old log-probs, proxy log-probs (Lp-Reg only) and entropies of every response token."""
+    """Old log-probs, proxy log-probs and kept masses M (Lp-Reg only), entropies of every response token."""
     pc.model.eval()
     n = len(batch)
-    out = {"old_logprobs": [None] * n, "proxy_logprobs": [None] * n, "entropy": [None] * n}
+    out = {"old_logprobs": [None] * n, "proxy_logprobs": [None] * n, "entropy": [None] * n, "kept_mass": [None] * n}
     for rows, data in _microbatches(pc, batch, list(range(n))):
-        logits = model_logits(pc.model, data["tokens"])
+        logits, targets, packed = _forward(pc, data)
         stats = vocab_parallel_token_stats(
-            logits, data["targets"], group=pc.tp_group, vocab_size=pc.vocab_size, entropy=True,
+            logits, targets, group=pc.tp_group, vocab_size=pc.vocab_size, entropy=True,
             proxy=loss_cfg.enabled, kappa=loss_cfg.kappa, threshold=loss_cfg.threshold, inplace=True,
         )
         del logits
         fields = {"old_logprobs": stats.logprobs, "entropy": stats.entropy}
         if loss_cfg.enabled:
             fields["proxy_logprobs"] = stats.proxy_logprobs
+            fields["kept_mass"] = stats.kept_mass
         for name, values in fields.items():
-            for i, v in zip(rows, _response_values(values, data)):
+            for i, v in zip(rows, _response_values(_unpack(packed, values), data)):
                 out[name][i] = v
     if not loss_cfg.enabled:  # plain GRPO: the loss never reads it; keep the batch shape uniform
         out["proxy_logprobs"] = [torch.full_like(v, float("-inf")) for v in out["old_logprobs"]]
     return out
 
 
-def _exact_kl(pc: PolicyContext, logits: torch.Tensor, loss_cfg: LpRegConfig):
+def _exact_kl(pc: PolicyContext, logits: torch.Tensor, loss_cfg: LpRegConfig, packed=None):
     """exact_kl callable for kl=forward/reverse: computes only the selected rows. The proxy comes
     from the current logits, detached: pi_old itself on the first (on-policy) mini-batch."""
     fn = vocab_parallel_forward_kl_to_proxy if loss_cfg.kl == "forward" else vocab_parallel_reverse_kl_to_proxy
 
     def values(selected: torch.Tensor) -> torch.Tensor:
-        rows = logits[selected]
+        rows = logits[selected] if packed is None else packed.rows(logits, selected)
         return fn(rows, rows.detach(), loss_cfg.kappa, loss_cfg.threshold, group=pc.tp_group,
                   vocab_size=pc.vocab_size)
 
@@ -106,6 +132,7 @@ def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCon
     metrics = MetricSums()
     steps = []
     need_entropy = loss_cfg.entropy_coef > 0 or loss_cfg.high_entropy_fraction < 1.0
+    current_proxy = loss_cfg.enabled and loss_cfg.proxy_source == "current"
     for _ in range(epochs):
         for mini in _minibatches(len(batch), num_minibatches):
             thresholds = None
@@ -125,15 +152,20 @@ def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCon
                     torch.distributed.all_reduce(t, group=pc.dp_group)
                 global_tokens = max(int(t.item()), 1)
             for rows, data in _microbatches(pc, batch, mini):
-                logits = model_logits(pc.model, data["tokens"])
-                exact_kl = _exact_kl(pc, logits, loss_cfg) if loss_cfg.enabled and loss_cfg.kl != "k3" else None
+                logits, targets, packed = _forward(pc, data)
+                exact_kl = _exact_kl(pc, logits, loss_cfg, packed) if loss_cfg.enabled and loss_cfg.kl != "k3" \
+                    else None
                 stats = vocab_parallel_token_stats(
-                    logits, data["targets"], group=pc.tp_group, vocab_size=pc.vocab_size,
-                    entropy=need_entropy, proxy=False, inplace=exact_kl is None,
+                    logits, targets, group=pc.tp_group, vocab_size=pc.vocab_size,
+                    entropy=need_entropy, proxy=current_proxy, kappa=loss_cfg.kappa,
+                    threshold=loss_cfg.threshold, inplace=exact_kl is None,
                 )
+                # proxy_source=current: pi_proxy from pi_theta's logits as they are now (no grad).
+                proxy = _unpack(packed, stats.proxy_logprobs) if current_proxy else data["proxy_logprobs"]
                 loss, m = lp_reg_policy_loss(
-                    stats.logprobs, data["old_logprobs"], data["proxy_logprobs"], data["advantages"],
-                    data["loss_mask"], loss_cfg, exact_kl, entropy=stats.entropy, thresholds=thresholds,
+                    _unpack(packed, stats.logprobs), data["old_logprobs"], proxy, data["advantages"],
+                    data["loss_mask"], loss_cfg, exact_kl, entropy=_unpack(packed, stats.entropy),
+                    thresholds=thresholds,
                     global_tokens=global_tokens,
                 )
                 if loss_cfg.loss_agg == "global_token_mean":

@@ -32,6 +32,7 @@ from megatron_lpreg.grpo.state import (
     complete_checkpoints, load_training_checkpoint, prune_checkpoints, save_training_checkpoint, step_dir,
 )
 from megatron_lpreg.grpo.validation import validate
+from megatron_lpreg.memory import MB, PhasePeaks, parameter_bytes
 from megatron_lpreg.parallel import init_distributed
 from megatron_lpreg.rollout.engine import SamplingParams
 
@@ -100,6 +101,8 @@ class GRPOTrainer:
         self.spec = parse_hf_config(hf_dir)
         dtype = getattr(torch, cfg.model.dtype)
         self.te = transformer_engine_available() if cfg.model.use_te is None else cfg.model.use_te
+        if g.pack_sequences and self.te:  # TE's attention applies its own causal mask, not ours
+            raise ConfigError("grpo.pack_sequences needs the local layer spec: set model.use_te=false")
         self.model = build_gpt_model(self.spec, dtype, self.te, recompute=cfg.model.recompute)
         if cfg.model.load:
             ckpt.load_model(self.model, cfg.model.load)
@@ -115,7 +118,7 @@ class GRPOTrainer:
         self.policy = PolicyContext(
             model=self.model, vocab_size=self.spec.vocab_size, pad_id=pad_id, device=ctx.device,
             tp_group=self.tp_group, dp_group=self.dp_group, dp_size=ctx.dp_size,
-            micro_batch_tokens=g.micro_batch_tokens, pad_to_multiple=g.pad_to_multiple)
+            micro_batch_tokens=g.micro_batch_tokens, pad_to_multiple=g.pad_to_multiple, pack_sequences=g.pack_sequences)
 
         d = cfg.data
         fields = DataFields(d.prompt_key, d.data_source_key, d.ground_truth_key)
@@ -154,6 +157,7 @@ class GRPOTrainer:
                                                        group=ctx.tp_group, dst_rank=0)
         self.step = 0
         self.best: dict | None = None
+        self.memory = PhasePeaks(ctx.device)
         self.resumed_from = self._resume()
         self.last_refit_s = self.refit()
         self.metrics_logger = self._make_logger()
@@ -253,24 +257,28 @@ class GRPOTrainer:
         c = self.cfg
         loss_cfg = loss_cfg or c.loss
         t = time.perf_counter()
-        scores = score_rollouts(self.policy, batch, loss_cfg)
+        with self.memory.phase("logprob"):
+            scores = score_rollouts(self.policy, batch, loss_cfg)
         batch.old_logprobs, batch.proxy_logprobs = scores["old_logprobs"], scores["proxy_logprobs"]
         times = {"time/logprob": time.perf_counter() - t}
         t = time.perf_counter()
         g = c.grpo
-        loss_sums, results = train_on_rollouts(
-            self.policy, batch, loss_cfg, self.optimizer,
-            num_minibatches=g.prompts_per_step // g.mini_batch_prompts, epochs=g.epochs)
+        with self.memory.phase("train"):
+            loss_sums, results = train_on_rollouts(
+                self.policy, batch, loss_cfg, self.optimizer,
+                num_minibatches=g.prompts_per_step // g.mini_batch_prompts, epochs=g.epochs)
         times["time/train"] = time.perf_counter() - t
         return scores, loss_sums, results, times
 
     def train_step(self) -> dict[str, float]:
         step = self.step + 1
         t0 = time.perf_counter()
-        graded, batch, truncated = self.collect(step)
+        with self.memory.phase("rollout"):
+            graded, batch, truncated = self.collect(step)
         scores, loss_sums, results, times = self.learn(batch)
-        times.update({"time/rollout": graded.generate_s, "time/reward": graded.reward_s,
-                      "time/refit": self.refit()})
+        with self.memory.phase("refit"):
+            refit_s = self.refit()
+        times.update({"time/rollout": graded.generate_s, "time/reward": graded.reward_s, "time/refit": refit_s})
 
         sums = self._rollout_metrics(graded, batch, scores, truncated)
         sums.merge(loss_sums)
@@ -283,6 +291,8 @@ class GRPOTrainer:
         })
         metrics.update(times)
         metrics["refit/mb"] = self.refit_stats.bytes / 2**20
+        # Peaks are the max over all ranks; every TP rank holds equal shards, so one rank's size is all's.
+        metrics.update(self.memory.metrics(), **{"memory/model_mb": parameter_bytes(self.model) / MB})
         metrics["time/step"] = time.perf_counter() - t0
         self.step = step
         return metrics
@@ -311,6 +321,9 @@ class GRPOTrainer:
                      in zip(graded.completions, scores["old_logprobs"]) if len(old)]
             sums.add({"entropy/mean": entropy,
                       "rollout/logprob_abs_diff": float(sum(diffs)) / tokens}, weight=tokens)
+            if scores["kept_mass"][0] is not None:  # Lp-Reg: M of the proxy under pi_old
+                sums.add({"lpreg/kept_mass_mean": sum(float(v.sum()) for v in scores["kept_mass"]) / tokens},
+                         weight=tokens)
         return sums
 
     # ---------------------------------------------------------------------------- validation, checkpoints

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 _CHOICES = {
     "threshold": ("minp", "fixed"),
+    "proxy_source": ("old", "current"),
     "kl": ("k3", "forward", "reverse"),
     "percentile_scope": ("microbatch", "batch", "batch_all_tokens"),
     "ratio_level": ("token", "sequence"),
@@ -25,6 +26,7 @@ class LpRegConfig:
     enabled: bool = True  # false: plain GRPO (or the baseline a preset selects)
     kappa: float = 0.02  # min-p ratio (minp) or absolute probability floor (fixed)
     threshold: str = "minp"  # proxy filter: p >= kappa * max p (minp) or p >= kappa (fixed)
+    proxy_source: str = "old"  # proxy from pi_old (scoring pass) or from pi_theta per training micro-batch
     rho: float = 0.01  # fraction of negative-advantage tokens examined (0.005 for Qwen2.5-32B)
     beta: float = 1.0  # weight of the Lp-Reg term
     kl: str = "k3"  # k3 sampled-token estimator, exact forward KL(proxy || policy), or reverse on K

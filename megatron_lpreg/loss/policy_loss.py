@@ -161,10 +161,14 @@ def lp_reg_policy_loss(
 
     with torch.no_grad():
         r = ratio.detach()
+        clipped = pg_clipped > pg_unclipped
         metrics.update({
             "loss/tokens": float(mask.sum()),
             "loss/nonfinite_tokens": float(nonfinite.sum()),
-            "pg/clipfrac": _masked_mean((pg_clipped > pg_unclipped).to(r.dtype), loss_mask),
+            "pg/clipfrac": _masked_mean(clipped.to(r.dtype), loss_mask),
+            # The two clip bounds separately: r > 1 + eps_high binds for A > 0, r < 1 - eps_low for A < 0.
+            "pg/clipfrac_high": _masked_mean((clipped & (adv > 0)).to(r.dtype), loss_mask),
+            "pg/clipfrac_low": _masked_mean((clipped & (adv < 0)).to(r.dtype), loss_mask),
             "pg/ratio_mean": _masked_mean(r, mask),
             "pg/ratio_max": float(r[mask].max()) if mask.any() else 0.0,
             "pg/ratio_min": float(r[mask].min()) if mask.any() else 0.0,

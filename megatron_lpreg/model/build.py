@@ -134,15 +134,19 @@ def build_gpt_model(
     return model.to(dtype)
 
 
-def model_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal-LM logits of ``input_ids`` [B, S] -> [B, S, V_padded / TP], vocab-sharded.
 
     TP rank r holds global vocab ids [r * V_local, (r + 1) * V_local); ids >= the real vocab size
-    are padding. Positions are 0..S-1 for every row (no packing, no left padding).
+    are padding. Positions are 0..S-1 for every row (no left padding). ``attention_mask``
+    [B, 1, S, S] bool (True = masked) replaces the causal mask, e.g. block-diagonal for packed rows
+    (``grpo.packing``); only the local layer spec honours it (TE's attention applies its own).
     """
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
-    if input_ids.device.type == "cuda":
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(input_ids.device)
+    elif input_ids.device.type == "cuda":
         attention_mask = None  # megatron (TE / its fused softmax) applies the causal mask itself
     else:
         # Megatron's unfused softmax builds its default causal mask on the CUDA device: on CPU it

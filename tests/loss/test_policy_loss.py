@@ -226,6 +226,14 @@ def test_clip_presets_are_ppo_clip():
         expected = _ppo(lp, old, a2, lo, hi)[mask].mean()
         torch.testing.assert_close(loss, expected)
         assert 0 < m["pg/clipfrac"] < 1
+        # The split by bound, against the ratio directly (float64 reference).
+        r = torch.exp(lp.double() - old.double())
+        high = (r > 1 + hi) & (a2 > 0) & mask
+        low = (r < 1 - lo) & (a2 < 0) & mask
+        assert m["pg/clipfrac_high"] == pytest.approx(float(high.sum() / mask.sum()))
+        assert m["pg/clipfrac_low"] == pytest.approx(float(low.sum() / mask.sum()))
+        assert high.any() and low.any()
+        assert m["pg/clipfrac"] == pytest.approx(m["pg/clipfrac_high"] + m["pg/clipfrac_low"])
 
 
 def test_gspo_uses_length_normalised_sequence_ratios():

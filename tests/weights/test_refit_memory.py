@@ -14,12 +14,13 @@ generator dropped the previous bucket and received point to point it was 32 MB, 
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import sys
 
 import pytest
 
+from megatron_lpreg.memory import (
+    release_freed_memory, reset_resident_peak, resident_bytes, resident_peak_bytes, resident_peak_measurable,
+)
 from tests.distributed import run_distributed
 
 MB = 1024**2
@@ -29,14 +30,6 @@ CONFIG = {
     "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
     "vocab_size": 2000, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "max_position_embeddings": 256,
 }
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def _body(ctx):
@@ -63,21 +56,13 @@ def _body(ctx):
         return stats
 
     refit()  # warm-up: lazy imports and first-call allocations are not the refit's
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        measurable = _status("VmHWM") <= _status("VmRSS") + 4 * MB
-    except OSError:
-        measurable = False
-    libc = ctypes.CDLL("libc.so.6")
-    gc.collect()
-    libc.malloc_trim(0)
+    measurable = resident_peak_measurable()
+    release_freed_memory()
     dist.barrier(group=ctx.tp_group)
-    base = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    base = resident_bytes()
+    reset_resident_peak()
     stats = refit()
-    peak = _status("VmHWM") - base
+    peak = resident_peak_bytes() - base
     model_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters()) if engine else 0
     return dict(measurable=measurable, peak=peak, stats=stats, model_bytes=model_bytes)
 

@@ -1,0 +1,124 @@
+"""Sequence packing without THD: several sequences share a row, kept apart by the attention mask.
+
+megatron-core's packed path (THD + ``PackedSeqParams``) needs TE or flash attention, so it does not
+run with the local layer spec on CPU. The local spec's attention does take an explicit mask, so a row
+holding several sequences is packed exactly with a block-diagonal causal mask: a token attends only to
+earlier tokens of its own sequence. Positions need no reset: RoPE scores depend only on the distance
+between query and key, which packing does not change (megatron's RoPE ignores ``position_ids``).
+
+Rows are as long as the micro-batch's longest sequence (rounded up to ``pad_to_multiple``), and short
+sequences fill them first-fit-decreasing. So the attention's cost (rows x L^2 for a dense mask) never
+exceeds the padded layout's, while the linear layers and the vocab projection see far fewer pad
+tokens. One long row holding the whole micro-batch would cost L_total^2 in attention instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from megatron_lpreg.grpo.batching import padded_length
+
+logger = logging.getLogger(__name__)
+
+
+def token_budget_packs(lengths: Sequence[int], max_tokens: int, *, pad_to_multiple: int = 1) -> list:
+    """Micro-batches of packed rows: a list (micro-batches) of lists (rows) of sequence indices.
+
+    Sequences in descending length (ties by index) go first-fit into rows; a micro-batch's rows are
+    as long as its first (longest) sequence's padded length L, and it holds at most
+    ``max(1, max_tokens // L)`` rows, so it costs ``rows * L <= max_tokens`` tokens (a sequence longer
+    than the budget gets a micro-batch of its own, with a warning). Every index appears once.
+    """
+    if max_tokens < 1 or pad_to_multiple < 1:
+        raise ValueError(f"max_tokens ({max_tokens}) and pad_to_multiple ({pad_to_multiple}) must be >= 1")
+    lengths = [int(x) for x in lengths]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    mbs: list = []  # each: [row length, max rows, rows, free space per row]
+    oversized = []
+    for i in order:
+        n = lengths[i]
+        placed = False
+        for mb in mbs:
+            length, max_rows, rows, free = mb
+            for r, space in enumerate(free):
+                if n <= space:
+                    rows[r].append(i)
+                    free[r] -= n
+                    placed = True
+                    break
+            if not placed and len(rows) < max_rows:
+                rows.append([i])
+                free.append(length - n)
+                placed = True
+            if placed:
+                break
+        if not placed:
+            length = padded_length(max(n, 1), pad_to_multiple)
+            if length > max_tokens:
+                oversized.append(i)
+            mbs.append([length, max(1, max_tokens // length), [[i]], [length - n]])
+    if oversized:
+        logger.warning("token_budget_packs: %d sequence(s) exceed max_tokens=%d on their own: indices %s",
+                       len(oversized), max_tokens, sorted(oversized))
+    return [mb[2] for mb in mbs]
+
+
+@dataclass
+class PackedRows:
+    """A micro-batch's sequences packed into rows, and the map back to ``collate``'s [B, S] layout.
+
+    tokens, targets: [R, L] long (targets are each sequence's own next tokens, pad at its end);
+    attention_mask: [R, 1, L, L] bool, True where masked (another sequence, or a later position);
+    index: [B, S] long, flat position in [R * L] of row b's token t; valid: [B, S] bool, t < len_b.
+    """
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    attention_mask: torch.Tensor
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    def to(self, device) -> "PackedRows":
+        return PackedRows(*(t.to(device) for t in (self.tokens, self.targets, self.attention_mask, self.index,
+                                                   self.valid)))
+
+    def unpack(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-token values [R, L] -> [B, S], zero past each sequence's end (differentiable)."""
+        gathered = values.reshape(-1)[self.index]
+        return torch.where(self.valid, gathered, torch.zeros_like(gathered))
+
+    def rows(self, logits: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """The logits [R, L, V] rows of the tokens ``selected`` [B, S] (row-major order) -> [n, V]."""
+        return logits.reshape(-1, logits.shape[-1])[self.index[selected]]
+
+
+def pack_rows(data: dict, rows: Sequence[Sequence[int]], row_indices: Sequence[int], pad_id: int,
+              pad_to_multiple: int = 1) -> PackedRows:
+    """Pack ``collate``'s ``data`` (rows in the order of ``row_indices``, the batch indices) into
+    ``rows`` (lists of batch indices, as ``token_budget_packs`` gives them)."""
+    tokens_bs, targets_bs, seq_lens = data["tokens"], data["targets"], data["seq_lens"].tolist()
+    where = {int(i): b for b, i in enumerate(row_indices)}
+    bsz, seq = tokens_bs.shape
+    length = padded_length(max(sum(seq_lens[where[i]] for i in row) for row in rows), pad_to_multiple)
+    tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    targets = torch.full_like(tokens, pad_id)
+    segments = torch.full_like(tokens, -1)  # trailing pads: a segment of their own
+    index = torch.zeros(bsz, seq, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            b = where[int(i)]
+            n = seq_lens[b]
+            tokens[r, at:at + n] = tokens_bs[b, :n]
+            targets[r, at:at + n] = targets_bs[b, :n]
+            segments[r, at:at + n] = b
+            index[b, :n] = torch.arange(r * length + at, r * length + at + n)
+            at += n
+    valid = torch.arange(seq).unsqueeze(0) < torch.tensor(seq_lens).unsqueeze(1)
+    causal = torch.ones(length, length, dtype=torch.bool).triu(1)
+    mask = (segments.unsqueeze(2) != segments.unsqueeze(1)) | causal
+    return PackedRows(tokens, targets, mask.unsqueeze(1), index, valid)

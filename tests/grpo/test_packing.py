@@ -1,0 +1,108 @@
+"""Packed rows: the partition, the layout map, and exactness against the padded layout (TP=1, TP=2)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from megatron_lpreg.grpo.batching import RolloutBatch, collate
+from megatron_lpreg.grpo.packing import pack_rows, token_budget_packs
+from tests.distributed import run_distributed
+from tests.grpo.test_policy import load_policy, random_rollouts
+from tests.model.tiny_models import save_tiny_model
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_packs_cover_every_sequence_within_the_budget(seed):
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(1, 20), rng.randint(1, 200)]) for _ in range(rng.randint(1, 60))]
+    budget, multiple = 256, rng.choice([1, 8])
+    mbs = token_budget_packs(lengths, budget, pad_to_multiple=multiple)
+    assert sorted(i for mb in mbs for row in mb for i in row) == list(range(len(lengths)))
+    for mb in mbs:
+        row_len = -(-max(lengths[i] for row in mb for i in row) // multiple) * multiple
+        assert all(sum(lengths[i] for i in row) <= row_len for row in mb)
+        assert len(mb) * row_len <= budget
+    packed_tokens = sum(len(mb) * -(-max(lengths[i] for r in mb for i in r) // multiple) * multiple for mb in mbs)
+    assert packed_tokens >= sum(lengths)
+
+
+def test_packs_fill_rows_first_fit_decreasing():
+    # Rows as long as the longest (9), at most 27 // 9 = 3 of them: 9 | 5 + 4 | 3 + 3 + 2 + 1.
+    assert token_budget_packs([5, 9, 3, 4, 3, 2, 1], 27) == [[[1], [0, 3], [2, 4, 5, 6]]]
+    # A budget of 9 holds one row of 9, one of 5, then two rows of 4: 5 and 4 never share a row
+    # longer than the micro-batch's longest sequence.
+    assert token_budget_packs([5, 9, 3, 4], 9) == [[[1]], [[0]], [[3], [2]]]
+    assert token_budget_packs([30, 2], 16) == [[[0]], [[1]]]  # oversized: alone, with a warning
+
+
+def test_pack_rows_maps_back_to_the_padded_layout():
+    g = torch.Generator().manual_seed(0)
+    lens = [(3, 4), (2, 1), (4, 6), (1, 2)]
+    batch = RolloutBatch([torch.randint(1, 50, (p + r,), generator=g) for p, r in lens],
+                         [p for p, _ in lens], [r for _, r in lens], torch.zeros(4))
+    order = [2, 0, 1, 3]
+    data = collate(batch, order, pad_id=0)
+    packed = pack_rows(data, [[2], [0, 1], [3]], order, pad_id=0)
+    assert packed.tokens.shape == (3, 10)
+    assert packed.tokens[1].tolist() == batch.input_ids[0].tolist() + batch.input_ids[1].tolist()
+    assert packed.tokens[2].tolist() == batch.input_ids[3].tolist() + [0] * 7
+    valid = data["tokens"] != 0
+    assert torch.equal(packed.valid, valid)
+    assert torch.equal(packed.unpack(packed.tokens), data["tokens"])
+    assert torch.equal(packed.unpack(packed.targets), data["targets"])
+    # A token sees exactly the earlier tokens of its own sequence (trailing pads: their own segment).
+    for row, seg in ((1, [0] * 7 + [1] * 3), (2, [0] * 3 + [1] * 7)):
+        mask = packed.attention_mask[row, 0]
+        for q in range(10):
+            for k in range(10):
+                assert bool(mask[q, k]) == (k > q or seg[q] != seg[k])
+
+
+def _exactness(ctx, directory):
+    import copy
+
+    from megatron_lpreg.grpo.policy import score_rollouts, train_on_rollouts
+    from megatron_lpreg.loss import LpRegConfig
+
+    class Capture:  # an optimiser that keeps the accumulated gradient and steps nowhere
+        def __init__(self, model):
+            self.model, self.grads = model, []
+
+        def step(self):
+            self.grads.append({n: p.grad.clone() for n, p in self.model.named_parameters()})
+            self.model.zero_grad(set_to_none=True)
+
+    out = {}
+    for pack in (False, True):
+        spec, pc = load_policy(ctx, directory)
+        pc.pack_sequences = pack
+        batch = random_rollouts(spec.vocab_size, n=10, seed=3)
+        cfg = LpRegConfig(rho=0.5, min_selected=1, kl="forward")
+        scores = score_rollouts(pc, batch, cfg)
+        batch.old_logprobs, batch.proxy_logprobs = scores["old_logprobs"], scores["proxy_logprobs"]
+        # One micro-batch for the whole mini-batch, so both layouts aggregate the same tokens.
+        pc.micro_batch_tokens = 4096
+        opt = Capture(pc.model)
+        metrics, _ = train_on_rollouts(pc, copy.copy(batch), cfg, opt, num_minibatches=1, epochs=1)
+        out[pack] = scores, opt.grads[0], metrics.reduce(None)
+    out["shared_rows"] = [max(len(row) for row in mb) for mb in token_budget_packs(batch.lengths, 64)]
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_packed_rows_give_the_padded_numbers(tmp_path, tp):
+    directory = save_tiny_model("qwen2", tmp_path / "qwen2")
+    for out in run_distributed(_exactness, world_size=tp, tp_size=tp, args=(str(directory),)):
+        (plain, grads_plain, m_plain), (packed, grads_packed, m_packed) = out[False], out[True]
+        assert max(out["shared_rows"]) > 1  # the scoring pass really put sequences side by side
+        for name in ("old_logprobs", "entropy", "proxy_logprobs", "kept_mass"):
+            for a, b in zip(plain[name], packed[name]):
+                assert torch.equal(torch.isinf(a), torch.isinf(b)), name
+                torch.testing.assert_close(a[a.isfinite()], b[b.isfinite()], rtol=1e-5, atol=1e-5)
+        assert m_plain["lpreg/selected"] > 0 and m_plain["lpreg/selected"] == m_packed["lpreg/selected"]
+        assert m_plain["loss/policy"] == pytest.approx(m_packed["loss/policy"], rel=1e-5, abs=1e-6)
+        for n in grads_plain:
+            torch.testing.assert_close(grads_plain[n], grads_packed[n], rtol=1e-4, atol=1e-6)
