@@ -112,9 +112,11 @@ class GRPOTrainer:
             return model
 
         self.model = initial_policy(cfg.model.recompute)
-        # The KL term's reference is the initial policy, frozen; it is rebuilt from the same source
-        # on resume (a checkpoint holds only the trained policy).
-        self.ref_model = initial_policy("none").requires_grad_(False).eval() if cfg.loss.ref_kl_coef > 0 else None
+        # The KL term's reference: the initial policy, rebuilt from the same source on resume (a
+        # checkpoint holds only the trained policy). It is frozen by being outside the optimiser and
+        # run only under no_grad; requires_grad stays on because Megatron's linear layers take another
+        # code path for frozen weights, whose logits differ in the last bits from the policy's.
+        self.ref_model = initial_policy("none").eval() if cfg.loss.ref_kl_coef > 0 else None
         o = cfg.optim
         self.optimizer = PolicyOptimizer(
             self.model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
