@@ -86,8 +86,8 @@ class RewardConfig:
     timeout_s: float = 5.0  # per answer
     memory_mb: int | None = 1024  # per worker
     function: str | None = None  # "module:function" scoring (response, ground_truth) instead of the grader
-    # DAPO soft overlong punishment: reward += min(0, -(L - (rollout.max_tokens - B)) / B * overlong_penalty).
-    overlong_buffer: int = 0  # B, the last B tokens before rollout.max_tokens where the penalty grows; 0 = off
+    # DAPO soft overlong punishment, for a response of L tokens: reward += min(0, -(L - (max_tokens - B)) / B * penalty)
+    overlong_buffer: int = 0  # B: DAPO's soft overlong punishment over the last B tokens of rollout.max_tokens; 0 = off
     overlong_penalty: float = 1.0  # the penalty at rollout.max_tokens (DAPO: 1.0)
     mask_truncated: bool = False  # DAPO overlong filtering: responses cut at rollout.max_tokens get no loss
 
@@ -102,8 +102,7 @@ class GRPOConfig:
     pad_to_multiple: int = 1  # pad micro-batch lengths to a multiple (8 helps tensor cores)
     adv_eps: float = 1e-6  # advantage = (r - mean) / (std + adv_eps) within a prompt's group
     normalize_adv_std: bool = True  # false: Dr. GRPO style, r - mean only
-    # DAPO: drop groups whose rewards are all equal and sample more prompts until prompts_per_step are kept.
-    dynamic_sampling: bool = False  # off: every sampled group is trained on (the published settings)
+    dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards, sample more prompts until prompts_per_step are kept
     max_sampling_rounds: int = 10  # cap on generation rounds per step; then train on the groups kept
     seed: int = 1234  # data order, sampling and model init streams
 
