@@ -87,6 +87,10 @@ class RewardConfig:
     timeout_s: float = 5.0  # per answer
     memory_mb: int | None = 1024  # per worker
     function: str | None = None  # "module:function" scoring (response, ground_truth) instead of the grader
+    # DAPO soft overlong punishment, for a response of L tokens: reward += min(0, -(L - (max_tokens - B)) / B * penalty)
+    overlong_buffer: int = 0  # B: DAPO's soft overlong punishment over the last B tokens of rollout.max_tokens; 0 = off
+    overlong_penalty: float = 1.0  # the penalty at rollout.max_tokens (DAPO: 1.0)
+    mask_truncated: bool = False  # DAPO overlong filtering: responses cut at rollout.max_tokens get no loss
 
 
 @dataclass
@@ -100,6 +104,8 @@ class GRPOConfig:
     pack_sequences: bool = False  # short sequences share rows (block-diagonal mask; local layer spec only)
     adv_eps: float = 1e-6  # advantage = (r - mean) / (std + adv_eps) within a prompt's group
     normalize_adv_std: bool = True  # false: Dr. GRPO style, r - mean only
+    dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards, sample more prompts until prompts_per_step are kept
+    max_sampling_rounds: int = 10  # cap on generation rounds per step; then train on the groups kept
     seed: int = 1234  # data order, sampling and model init streams
 
 
@@ -171,10 +177,10 @@ _CHOICES = {
 _POSITIVE = (
     "parallel.tp", "rollout.n", "rollout.max_tokens", "rollout.max_batch_size", "rollout.refit_bucket_mb",
     "reward.num_workers", "grpo.prompts_per_step", "grpo.mini_batch_prompts", "grpo.epochs",
-    "grpo.micro_batch_tokens", "grpo.pad_to_multiple", "data.max_prompt_len",
+    "grpo.micro_batch_tokens", "grpo.pad_to_multiple", "data.max_prompt_len", "grpo.max_sampling_rounds",
 )
 _NON_NEGATIVE = ("grpo.steps", "validation.every", "checkpoint.every", "optim.lr", "optim.weight_decay",
-                 "reward.timeout_s")
+                 "reward.timeout_s", "reward.overlong_buffer", "reward.overlong_penalty")
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -373,6 +379,9 @@ def _check(cfg: Config, sources: dict[str, _Source]) -> None:
         raise ConfigError(
             f"{where('grpo.mini_batch_prompts')}: {g.mini_batch_prompts} does not divide "
             f"grpo.prompts_per_step={g.prompts_per_step}")
+    if cfg.reward.overlong_buffer > cfg.rollout.max_tokens:
+        raise ConfigError(f"{where('reward.overlong_buffer')}: {cfg.reward.overlong_buffer} exceeds "
+                          f"rollout.max_tokens={cfg.rollout.max_tokens}")
     if not 0.0 < cfg.rollout.top_p <= 1.0 or cfg.rollout.temperature < 0:
         raise ConfigError(f"{where('rollout.top_p')}: need 0 < top_p <= 1 and temperature >= 0")
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:

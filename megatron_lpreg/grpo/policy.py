@@ -3,7 +3,8 @@
 ``score_rollouts``: one no-grad pass giving, per response token, the old log-prob (pi_old is the
 policy that generated the rollout, recomputed by the trainer), the Lp-Reg proxy log-prob and the
 entropy: all from one ``vocab_parallel_token_stats`` call per micro-batch, so the proxy costs one
-extra partition sum and all-reduce, not a second pass.
+extra partition sum and all-reduce, not a second pass. With ``loss.ref_kl_coef > 0`` the frozen
+reference model adds one forward per micro-batch for the reference log-probs.
 
 ``train_on_rollouts``: the mini-batch updates. Micro-batches are formed by a token budget; each
 micro-batch loss is weighted so the accumulated gradient is that of the whole mini-batch's loss
@@ -40,6 +41,7 @@ class PolicyContext:
     micro_batch_tokens: int
     pad_to_multiple: int = 1
     pack_sequences: bool = False  # several sequences per row, block-diagonal attention (grpo.packing)
+    ref_model: object = None  # frozen initial policy, built only for loss.ref_kl_coef > 0
 
 
 def _microbatches(pc: PolicyContext, batch: RolloutBatch, indices: list[int]):
@@ -60,12 +62,14 @@ def _microbatches(pc: PolicyContext, batch: RolloutBatch, indices: list[int]):
         yield rows, {k: v.to(pc.device) if hasattr(v, "to") else v for k, v in data.items()}
 
 
-def _forward(pc: PolicyContext, data: dict):
-    """(vocab-sharded logits, their targets, the PackedRows or None): packed rows when packing."""
+def _forward(pc: PolicyContext, data: dict, model=None):
+    """(vocab-sharded logits, their targets, the PackedRows or None) of ``model`` (default: the
+    policy): packed rows when packing."""
+    model = pc.model if model is None else model
     packed = data.get("packed")
     if packed is None:
-        return model_logits(pc.model, data["tokens"]), data["targets"], None
-    return model_logits(pc.model, packed.tokens, packed.attention_mask), packed.targets, packed
+        return model_logits(model, data["tokens"]), data["targets"], None
+    return model_logits(model, packed.tokens, packed.attention_mask), packed.targets, packed
 
 
 def _unpack(packed, values):
@@ -83,10 +87,13 @@ def _response_values(values: torch.Tensor, data: dict) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def score_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig) -> dict[str, list]:
-    """Old log-probs, proxy log-probs and kept masses M (Lp-Reg only), entropies of every response token."""
+    """Old log-probs, proxy log-probs and kept masses M (Lp-Reg only), entropies and, with a reference
+    model, the reference log-probs of every response token."""
     pc.model.eval()
     n = len(batch)
     out = {"old_logprobs": [None] * n, "proxy_logprobs": [None] * n, "entropy": [None] * n, "kept_mass": [None] * n}
+    if pc.ref_model is not None:
+        out["ref_logprobs"] = [None] * n
     for rows, data in _microbatches(pc, batch, list(range(n))):
         logits, targets, packed = _forward(pc, data)
         stats = vocab_parallel_token_stats(
@@ -98,6 +105,12 @@ def score_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig
         if loss_cfg.enabled:
             fields["proxy_logprobs"] = stats.proxy_logprobs
             fields["kept_mass"] = stats.kept_mass
+        if pc.ref_model is not None:
+            ref_logits, _, _ = _forward(pc, data, pc.ref_model)
+            fields["ref_logprobs"] = vocab_parallel_token_stats(
+                ref_logits, targets, group=pc.tp_group, vocab_size=pc.vocab_size, entropy=False,
+                proxy=False, inplace=True).logprobs
+            del ref_logits
         for name, values in fields.items():
             for i, v in zip(rows, _response_values(_unpack(packed, values), data)):
                 out[name][i] = v
@@ -140,12 +153,12 @@ def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCon
             if loss_cfg.percentile_scope != "microbatch" and loss_cfg.enabled:
                 # The batch scopes rank log-probs over the whole mini-batch on all DP ranks; they are
                 # taken before the update (pi_old), which is the current policy on-policy.
-                masks = [torch.ones(batch.response_lens[i], dtype=torch.bool) for i in mini]
+                masks = [torch.full((batch.response_lens[i],), batch.loss_tokens(i) > 0) for i in mini]
                 thresholds = selection_thresholds(
                     [batch.old_logprobs[i].unsqueeze(0) for i in mini],
                     [batch.advantages[i:i + 1] for i in mini],
                     [m.unsqueeze(0) for m in masks], loss_cfg, group=pc.dp_group)
-            local_tokens = sum(int(batch.response_lens[i]) for i in mini)
+            local_tokens = sum(batch.loss_tokens(i) for i in mini)
             if loss_cfg.loss_agg == "global_token_mean":
                 t = torch.tensor([float(local_tokens)], dtype=torch.float64)
                 if pc.dp_group is not None:
@@ -165,8 +178,7 @@ def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCon
                 loss, m = lp_reg_policy_loss(
                     _unpack(packed, stats.logprobs), data["old_logprobs"], proxy, data["advantages"],
                     data["loss_mask"], loss_cfg, exact_kl, entropy=_unpack(packed, stats.entropy),
-                    thresholds=thresholds,
-                    global_tokens=global_tokens,
+                    thresholds=thresholds, global_tokens=global_tokens, ref_logprobs=data.get("ref_logprobs"),
                 )
                 if loss_cfg.loss_agg == "global_token_mean":
                     weight = float(pc.dp_size)  # the optimiser averages over DP; the sum is wanted

@@ -8,7 +8,7 @@ only need the token ids, rewards and engine log-probs to run their shard of the 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -26,6 +26,7 @@ class GradedRollout:
     n: int
     generate_s: float = 0.0
     reward_s: float = 0.0
+    metrics: dict = field(default_factory=dict)  # how it was collected (dynamic sampling's rounds)
 
     @property
     def response_lens(self) -> list[int]:

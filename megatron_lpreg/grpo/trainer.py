@@ -24,9 +24,11 @@ from megatron_lpreg.config import Config, ConfigError, check_inputs, config_to_d
 from megatron_lpreg.data import DataFields, PromptSampler, encode_prompts, load_prompt_dataset
 from megatron_lpreg.grpo.advantages import group_advantages, group_stats
 from megatron_lpreg.grpo.batching import RolloutBatch
+from megatron_lpreg.grpo.dynamic_sampling import sample_groups
 from megatron_lpreg.grpo.metrics import MetricSums
 from megatron_lpreg.grpo.optimizer import PolicyOptimizer
 from megatron_lpreg.grpo.policy import PolicyContext, score_rollouts, train_on_rollouts
+from megatron_lpreg.grpo.reward_shaping import overlong_penalty, shape_rewards, truncated_mask
 from megatron_lpreg.grpo.rollout import generate_and_grade, share_in_group
 from megatron_lpreg.grpo.state import (
     complete_checkpoints, load_training_checkpoint, prune_checkpoints, save_training_checkpoint, step_dir,
@@ -67,8 +69,9 @@ def rollout_engine_kind(choice: str) -> str:
     return "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
 
 
-def sampling_seed(seed: int, step: int, dp_rank: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + dp_rank) % (2**31 - 1)
+def sampling_seed(seed: int, step: int, dp_rank: int, round_: int = 0) -> int:
+    """Seed of one replica's rollout; ``round_`` counts dynamic sampling's extra rounds in a step."""
+    return (seed * 1_000_003 + step * 7919 + dp_rank + round_ * 15_485_863) % (2**31 - 1)
 
 
 class GRPOTrainer:
@@ -103,11 +106,20 @@ class GRPOTrainer:
         self.te = transformer_engine_available() if cfg.model.use_te is None else cfg.model.use_te
         if g.pack_sequences and self.te:  # TE's attention applies its own causal mask, not ours
             raise ConfigError("grpo.pack_sequences needs the local layer spec: set model.use_te=false")
-        self.model = build_gpt_model(self.spec, dtype, self.te, recompute=cfg.model.recompute)
-        if cfg.model.load:
-            ckpt.load_model(self.model, cfg.model.load)
-        else:
-            load_hf_weights(self.model, self.spec, hf_dir, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, te=self.te)
+        def initial_policy(recompute: str):
+            model = build_gpt_model(self.spec, dtype, self.te, recompute=recompute)
+            if cfg.model.load:
+                ckpt.load_model(model, cfg.model.load)
+            else:
+                load_hf_weights(model, self.spec, hf_dir, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, te=self.te)
+            return model
+
+        self.model = initial_policy(cfg.model.recompute)
+        # The KL term's reference: the initial policy, rebuilt from the same source on resume (a
+        # checkpoint holds only the trained policy). It is frozen by being outside the optimiser and
+        # run only under no_grad; requires_grad stays on because Megatron's linear layers take another
+        # code path for frozen weights, whose logits differ in the last bits from the policy's.
+        self.ref_model = initial_policy("none").eval() if cfg.loss.ref_kl_coef > 0 else None
         o = cfg.optim
         self.optimizer = PolicyOptimizer(
             self.model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
@@ -118,7 +130,8 @@ class GRPOTrainer:
         self.policy = PolicyContext(
             model=self.model, vocab_size=self.spec.vocab_size, pad_id=pad_id, device=ctx.device,
             tp_group=self.tp_group, dp_group=self.dp_group, dp_size=ctx.dp_size,
-            micro_batch_tokens=g.micro_batch_tokens, pad_to_multiple=g.pad_to_multiple, pack_sequences=g.pack_sequences)
+            micro_batch_tokens=g.micro_batch_tokens, pad_to_multiple=g.pad_to_multiple, pack_sequences=g.pack_sequences,
+            ref_model=self.ref_model)
 
         d = cfg.data
         fields = DataFields(d.prompt_key, d.data_source_key, d.ground_truth_key)
@@ -220,7 +233,7 @@ class GRPOTrainer:
         per = len(indices) // self.ctx.dp_size
         return [self.train_data[i] for i in indices[self.ctx.dp_rank * per:(self.ctx.dp_rank + 1) * per]]
 
-    def _rollout(self, records, step: int):
+    def _rollout(self, records, step: int, round_: int = 0):
         """Prompts -> graded completions on the engine rank, shared with the TP group."""
         c = self.cfg
         result = None
@@ -229,7 +242,7 @@ class GRPOTrainer:
             r = c.rollout
             sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                       max_tokens=r.max_tokens, stop_token_ids=self.stop_ids,
-                                      seed=sampling_seed(c.grpo.seed, step, self.ctx.dp_rank))
+                                      seed=sampling_seed(c.grpo.seed, step, self.ctx.dp_rank, round_))
             graded = generate_and_grade(self.engine, self.pool, self.tokenizer, prompt_ids,
                                         [rec.ground_truth for rec in records], sampling)
             result = (graded, truncated)
@@ -244,13 +257,32 @@ class GRPOTrainer:
             prompt_lens.append(len(prompt))
         rewards = torch.tensor(graded.rewards, dtype=torch.float32)
         adv = group_advantages(rewards, n, eps=self.cfg.grpo.adv_eps, normalize_std=self.cfg.grpo.normalize_adv_std)
-        return RolloutBatch(input_ids, prompt_lens, graded.response_lens, adv, rewards=rewards)
+        trainable = truncated_mask(graded) if self.cfg.reward.mask_truncated else None
+        return RolloutBatch(input_ids, prompt_lens, graded.response_lens, adv, rewards=rewards, trainable=trainable)
+
+    def _draw(self, step: int, round_: int = 0):
+        """The sampler's next prompts, rolled out and graded (rewards shaped): (graded, truncated prompts)."""
+        records = self._local_prompts(next(self.sampler))
+        graded, truncated = self._rollout(records, step, round_)
+        r = self.cfg.reward
+        if r.overlong_buffer:
+            shape_rewards(graded, max_tokens=self.cfg.rollout.max_tokens, buffer=r.overlong_buffer,
+                          factor=r.overlong_penalty)
+        return graded, truncated
 
     def collect(self, step: int):
         """Rollout and rewards for ``step``: (graded rollout, training batch, truncated prompts)."""
-        records = self._local_prompts(next(self.sampler))
-        graded, truncated = self._rollout(records, step)
-        return graded, self._rollout_batch(graded), truncated
+        g = self.cfg.grpo
+        if not g.dynamic_sampling:
+            graded, truncated = self._draw(step)
+            return graded, self._rollout_batch(graded), truncated
+        graded, truncated_share, metrics = sample_groups(
+            lambda round_: self._draw(step, round_), target=g.prompts_per_step,
+            granule=self.ctx.dp_size * (g.prompts_per_step // g.mini_batch_prompts),
+            max_rounds=g.max_sampling_rounds, dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size,
+            dp_group=self.dp_group)
+        graded.metrics = metrics
+        return graded, self._rollout_batch(graded), truncated_share * len(graded.prompt_ids)
 
     def learn(self, batch: RolloutBatch, loss_cfg=None) -> tuple[dict, MetricSums, list, dict[str, float]]:
         """Old/proxy log-probs, then the policy updates: (scores, loss metrics, optimiser results, times)."""
@@ -260,6 +292,7 @@ class GRPOTrainer:
         with self.memory.phase("logprob"):
             scores = score_rollouts(self.policy, batch, loss_cfg)
         batch.old_logprobs, batch.proxy_logprobs = scores["old_logprobs"], scores["proxy_logprobs"]
+        batch.ref_logprobs = scores.get("ref_logprobs")
         times = {"time/logprob": time.perf_counter() - t}
         t = time.perf_counter()
         g = c.grpo
@@ -289,6 +322,7 @@ class GRPOTrainer:
             "optim/skipped_steps": float(sum(not r.stepped for r in results)),
             "optim/steps": float(len(results)),
         })
+        metrics.update(graded.metrics)  # already global (dynamic sampling counts over all replicas)
         metrics.update(times)
         metrics["refit/mb"] = self.refit_stats.bytes / 2**20
         # Peaks are the max over all ranks; every TP rank holds equal shards, so one rank's size is all's.
@@ -305,7 +339,14 @@ class GRPOTrainer:
         sums.add({"reward/all_correct_groups": stats["frac_all_correct"],
                   "reward/all_wrong_groups": stats["frac_all_wrong"]}, weight=groups)
         sums.add({"data/prompt_truncated": truncated / max(groups, 1)}, weight=groups)
+        shaping = self.cfg.reward
         for comp, reward, status in zip(graded.completions, graded.rewards, graded.statuses):
+            if shaping.overlong_buffer:
+                penalty = overlong_penalty(len(comp.token_ids), self.cfg.rollout.max_tokens,
+                                           shaping.overlong_buffer, shaping.overlong_penalty)
+                sums.add({"reward/overlong_penalty": penalty, "reward/overlong_penalized": float(penalty < 0)})
+            if shaping.mask_truncated:
+                sums.add({"response/loss_masked": float(comp.finish_reason == "length")})
             sums.add({
                 "response/length_mean": len(comp.token_ids),
                 "response/length_max": len(comp.token_ids),

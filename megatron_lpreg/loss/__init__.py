@@ -6,6 +6,7 @@ from megatron_lpreg.loss.proxy_kl import (
     vocab_parallel_forward_kl_to_proxy,
     vocab_parallel_reverse_kl_to_proxy,
 )
+from megatron_lpreg.loss.ref_kl import REF_KL_TYPES, ref_kl
 from megatron_lpreg.loss.selection import Selection, SelectionThresholds, select_tokens, selection_thresholds
 from megatron_lpreg.loss.shards import set_debug
 from megatron_lpreg.loss.token_stats import (
@@ -17,8 +18,8 @@ from megatron_lpreg.loss.token_stats import (
 )
 
 __all__ = [
-    "LpRegConfig", "PRESETS", "Selection", "SelectionThresholds", "TokenStats", "aggregate",
-    "lp_reg_policy_loss", "select_tokens", "selection_thresholds", "set_debug",
+    "LpRegConfig", "PRESETS", "REF_KL_TYPES", "Selection", "SelectionThresholds", "TokenStats", "aggregate",
+    "lp_reg_policy_loss", "ref_kl", "select_tokens", "selection_thresholds", "set_debug",
     "vocab_parallel_entropy", "vocab_parallel_forward_kl_to_proxy", "vocab_parallel_logprobs",
     "vocab_parallel_proxy_logprobs", "vocab_parallel_reverse_kl_to_proxy",
     "vocab_parallel_token_stats",

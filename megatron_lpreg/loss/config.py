@@ -17,6 +17,7 @@ _CHOICES = {
     "percentile_scope": ("microbatch", "batch", "batch_all_tokens"),
     "ratio_level": ("token", "sequence"),
     "loss_agg": ("token_mean", "seq_mean_token_mean", "global_token_mean"),
+    "ref_kl_type": ("k1", "k2", "k3"),
 }
 
 
@@ -44,6 +45,9 @@ class LpRegConfig:
     kl_cov_coef: float = 1.0  # KL-Cov penalty weight
     high_entropy_fraction: float = 1.0  # 0.2 = train only on the top-20% entropy tokens ("80/20")
     loss_agg: str = "token_mean"  # token_mean over the mini-batch, per-sequence means, or global tokens
+    # KL to the initial policy as a loss term (off in the paper): a frozen reference model is built.
+    ref_kl_coef: float = 0.0  # weight of the per-token KL to the reference policy; 0 = off, no reference model
+    ref_kl_type: str = "k3"  # k1: l - l_ref, k2: (l - l_ref)^2 / 2, k3: verl's low_var_kl (clamped)
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
@@ -69,6 +73,8 @@ class LpRegConfig:
             raise ValueError(f"LpRegConfig.min_selected={self.min_selected}: expected >= 1")
         if self.kl_clamp <= 0 or self.beta < 0 or self.entropy_coef < 0 or self.kl_cov_coef < 0:
             raise ValueError("LpRegConfig: kl_clamp must be > 0; beta, entropy_coef, kl_cov_coef >= 0")
+        if self.ref_kl_coef < 0:
+            raise ValueError(f"LpRegConfig.ref_kl_coef={self.ref_kl_coef!r}: expected >= 0")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LpRegConfig":

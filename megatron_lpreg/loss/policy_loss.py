@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from megatron_lpreg.loss.config import LpRegConfig
+from megatron_lpreg.loss.ref_kl import ref_kl
 from megatron_lpreg.loss.selection import SelectionThresholds, _expand, select_tokens
 
 ExactKL = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
@@ -98,6 +99,7 @@ def lp_reg_policy_loss(
     entropy: torch.Tensor | None = None,
     thresholds: SelectionThresholds | None = None,
     global_tokens: int | None = None,
+    ref_logprobs: torch.Tensor | None = None,
 ):
     """LP_REG.md sections 2-4 for one micro-batch -> (loss, metrics).
 
@@ -107,6 +109,8 @@ def lp_reg_policy_loss(
     the bool mask of S' and returning its values in row-major order (so only those rows are computed).
     entropy: per-token entropy [B, S], needed for entropy_coef > 0 (differentiable) and
     high_entropy_fraction < 1. thresholds: from ``selection_thresholds`` for the batch scopes.
+    ref_logprobs: log pi_ref(o_t) of the frozen reference policy [B, S], needed for ref_kl_coef > 0:
+    ``ref_kl_coef * KL_t`` is added to every token's loss and aggregated with it.
     The loss is aggregated by ``config.loss_agg`` (token mean by default).
     """
     mask = mask.bool()
@@ -156,6 +160,12 @@ def lp_reg_policy_loss(
         metrics["high_entropy/kept"] = float(loss_mask.sum())
     if config.entropy_coef > 0:
         token_loss = token_loss - config.entropy_coef * entropy
+    if config.ref_kl_coef > 0:
+        if ref_logprobs is None:
+            raise ValueError("ref_kl_coef > 0 needs ref_logprobs (log-probs of the reference policy)")
+        kl = ref_kl(logprobs, ref_logprobs, config.ref_kl_type)
+        token_loss = token_loss + config.ref_kl_coef * kl
+        metrics["loss/ref_kl"] = _masked_mean(kl.detach(), loss_mask)
 
     loss = aggregate(token_loss, loss_mask, config.loss_agg, global_tokens)
 
