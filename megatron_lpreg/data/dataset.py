@@ -121,6 +121,9 @@ class PromptDataset(Sequence):
             if max_samples is not None and len(self.records) >= max_samples:
                 break
             self._load_file(path, format or _detect_format(path), max_samples)
+        if not self.records and self.skip_reasons:
+            raise DataError(self.paths[0], None, None, f"no usable prompt rows: all {self.skipped} were skipped "
+                                                       f"(data.on_error=skip), the first: {self.skip_reasons[0]}")
 
     def _load_file(self, path: str, fmt: str, max_samples: int | None) -> None:
         if fmt == "jsonl":
