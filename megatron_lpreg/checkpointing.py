@@ -62,8 +62,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not fit the model."""
 
 
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What a failed dist_checkpointing load raises: torch's CheckpointException is a BaseException.
+    (Called in ``except`` clauses, so torch.distributed.checkpoint is only imported once a load failed.)"""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # pragma: no cover - older torch
+        return (Exception,)
+    return (Exception, CheckpointException)
+
+
 def first_line(error: BaseException, limit: int = 300) -> str:
     """One line of a library's error for a one-line message (megatron's can run to pages)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        # torch's CheckpointException wraps each rank's error with its traceback: report the error.
+        first = next(iter(failures.values()))
+        error = first[0] if isinstance(first, tuple) else first
     text = " ".join(str(error).split("\n", 1)[0].split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -194,7 +209,7 @@ def load_group(model, group: str, checkpoint_dir: str | os.PathLike) -> None:
     sharded = group_sharded_state_dict(model, group)
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
-    except Exception as e:  # noqa: BLE001 - re-raised with the group named; megatron's errors are long
+    except load_errors() as e:  # re-raised with the group named; megatron's errors are long
         raise CheckpointError(f"{path}: cannot load group {group!r} into this model: {first_line(e)}") from e
     params = group_parameters(model, group)
     missing = [n for n, _ in params if n not in loaded]

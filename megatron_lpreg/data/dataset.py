@@ -72,7 +72,7 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
             try:
                 yield label, json.loads(line)
             except json.JSONDecodeError as e:
-                yield label, DataError(path, label, None, f"invalid JSON ({e.msg} at column {e.colno})")
+                yield label, DataError(path, label, None, f"invalid JSON ({e.msg} at column {e.pos + 1})")
             except RecursionError:
                 yield label, DataError(path, label, None, "invalid JSON (nested too deeply)")
 

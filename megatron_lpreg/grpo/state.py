@@ -117,7 +117,7 @@ def load_training_checkpoint(path, *, model, optimizer) -> dict:
         ckpt.check_group_files(where)
         try:
             loaded = dist_checkpointing.load(_optim_sharded(model, optimizer, group), str(where))
-        except Exception as e:  # noqa: BLE001 - megatron's messages are long; name the group
+        except ckpt.load_errors() as e:  # megatron's messages are long; name the group
             raise ckpt.CheckpointError(f"{where}: cannot load optimiser state: {ckpt.first_line(e)}") from e
         optimizer.load_sharded_state_dict(loaded)
     try:
