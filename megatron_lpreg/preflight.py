@@ -114,6 +114,9 @@ def _check_checkpoint(key: str, path: Path, spec, *, training: bool) -> None:
     if meta.get("groups") != groups:
         raise ConfigError(f"{key}: {path} holds {len(meta.get('groups') or [])} weight groups, "
                           f"a {spec.num_layers}-layer model needs {len(groups)}")
+    if training and not (path / "optim").is_dir():
+        raise ConfigError(f"{key}: {path} has no optimiser state (optim/): a model checkpoint, not a training "
+                          f"checkpoint (start from it with model.load)")
     dirs = [ckpt.MODEL_DIR] + (["optim"] if training else [])
     try:
         for sub in dirs:

@@ -58,7 +58,9 @@ CLASSES = [
     ("power-tower-10^10^10", "\\boxed{10^{10^{10}}}", "1", WORKER, 0.0),
     ("python-power-9**9**9", "\\boxed{9**9**9}", "1", WORKER, 0.0),
     ("power-tower-9^9^9^9", "\\boxed{9^{9^{9^{9}}}}", "1", WORKER, 0.0),
-    ("int-2^2^32-512MiB", "\\boxed{2^{2^{32}}}", "1", WORKER, 0.0),
+    ("int-2^2^32", "\\boxed{2^{2^{32}}}", "1", WORKER, 0.0),
+    # one C-level big-integer operation: SIGALRM cannot interrupt it, only the parent's SIGKILL can
+    ("bigint-10^10^8-cancel", "\\boxed{10^{10^{8}}-10^{10^{8}}}", "1", WORKER, 0.0),
     ("x-tower-100", "\\boxed{" + _tower(100, "x") + "}", "x", WORKER, 0.0),
     ("e-tower", "\\boxed{e^{e^{e^{e^{10}}}}}", "1", WORKER, 0.0),
     ("factorial-10^8", "\\boxed{100000000!}", "1", WORKER, 0.0),
@@ -144,8 +146,9 @@ def test_adversarial_answers_are_graded_within_the_limits(pool):
     # Two workers: at worst every worker item takes the full limit, half of them on each.
     assert elapsed <= (result.num_worker_items / 2 + 2) * (TIMEOUT_S + SLACK_S)
 
-    # ...and the pool still grades ordinary answers, right and wrong, with fresh or surviving workers.
-    after = pool.grade_batch_detailed([r"\boxed{\frac{2}{4}}", r"\boxed{x^2+2x+1}", r"\boxed{7}", r"\boxed{(1,2)}"],
-                                      ["0.5", "(x+1)^2", "8", "(1, 2)"])
+    # ...and the pool still grades ordinary answers, right and wrong, on both workers (fresh or
+    # surviving); the symbolic pair is a cheap one, so a starved 2-core box cannot time it out.
+    after = pool.grade_batch_detailed([r"\boxed{\frac{2}{4}}", r"\boxed{\sqrt{2}/2}", r"\boxed{7}", r"\boxed{\sqrt{2}/2}"],
+                                      ["0.5", r"\frac{\sqrt2}{2}", "8", r"\frac{\sqrt2}{2}"])
     assert after.rewards == [1.0, 1.0, 0.0, 1.0], after
-    assert set(after.statuses) == {"ok"}
+    assert set(after.statuses) == {"ok"} and after.num_worker_items == 2

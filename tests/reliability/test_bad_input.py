@@ -74,6 +74,8 @@ def _ckpt_copy(good: Path, name: str) -> Path:
 
 
 def _truncate_shard(good: Path) -> Path:
+    if (good.parent / "truncated").exists():
+        return good.parent / "truncated"
     path = _ckpt_copy(good, "truncated")
     shard = next((path / "model" / "layer_00001").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
@@ -324,7 +326,7 @@ CASES = [
     _case("data-no-user-message-jsonl", "prompt: [{role: system, ...}]",
           lambda e: _rows(e, "jsonl", [GOOD_ROW, _with(prompt=[{"role": "system", "content": "hi"}])], "no_user"),
           "no_user.jsonl: line 2: field 'prompt': message list has no 'user' message"),
-    _case("data-not-utf8-jsonl", "byte 0xff inside line 2",
+    _case("data-not-utf8-jsonl", "Latin-1 'café' (byte 0xe9) on line 2",
           lambda e: _rows(e, "jsonl", [GOOD_ROW], "latin1", raw=b'{"prompt": "caf\xe9"}\n'),
           "latin1.jsonl: line 2: not UTF-8 text (byte 0xe9 at column 16)"),
     _case("data-invalid-json-line", "line 2: {\"prompt\": ",
@@ -375,7 +377,7 @@ CASES = [
           "model.load:", "holds a model with num_layers=2, model.path has num_layers=3"),
     _case("ckpt-resume-model-only", "checkpoint.resume=<a converted model checkpoint, no optimiser>",
           lambda e: lambda: _preflight(e, f"checkpoint.resume={e.ckpt}"),
-          "checkpoint.resume:", "good/optim/embedding: missing (not a complete checkpoint group)"),
+          "checkpoint.resume:", "good has no optimiser state (optim/): a model checkpoint, not a training checkpoint"),
     _case("ckpt-resume-path-missing", "checkpoint.resume=runs/x/checkpoints/step_000007",
           lambda e: lambda: _preflight(e, f"checkpoint.resume={e.root / 'step_000007'}"),
           "checkpoint.resume:", "step_000007 does not exist"),
