@@ -62,6 +62,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not fit the model."""
 
 
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What a failed dist_checkpointing load raises: torch's CheckpointException is a BaseException.
+    (Called in ``except`` clauses, so torch.distributed.checkpoint is only imported once a load failed.)"""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # pragma: no cover - older torch
+        return (Exception,)
+    return (Exception, CheckpointException)
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """One line of a library's error for a one-line message (megatron's can run to pages)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        # torch's CheckpointException wraps each rank's error with its traceback: report the error.
+        first = next(iter(failures.values()))
+        error = first[0] if isinstance(first, tuple) else first
+    text = " ".join(str(error).split("\n", 1)[0].split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -152,18 +173,44 @@ def save_group(model, group: str, checkpoint_dir: str | os.PathLike) -> None:
     dist_checkpointing.save(group_sharded_state_dict(model, group), str(path))
 
 
+def check_group_files(path: str | os.PathLike) -> None:
+    """Every shard file a dist_checkpointing directory's index refers to is there and long enough.
+
+    A truncated or lost ``.distcp`` file otherwise surfaces as an unpickling or short-read error deep
+    inside torch; here it is named, before any tensor is read (the index is a few KB).
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    if not (path / "metadata.json").exists():
+        raise CheckpointError(f"{path}: missing (not a complete checkpoint group)")
+    try:
+        index = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a missing or corrupt .metadata file, in whatever form torch reports it
+        raise CheckpointError(f"{path}: unreadable checkpoint index ({first_line(e)})") from None
+    needed: dict[str, int] = {}
+    for info in (getattr(index, "storage_data", None) or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise CheckpointError(f"{shard}: missing shard file")
+        have = shard.stat().st_size
+        if have < size:
+            raise CheckpointError(f"{shard}: truncated ({have} bytes, the index needs {size})")
+
+
 @torch.no_grad()
 def load_group(model, group: str, checkpoint_dir: str | os.PathLike) -> None:
     from megatron.core import dist_checkpointing
 
     path = Path(checkpoint_dir) / MODEL_DIR / group
-    if not (path / "metadata.json").exists():
-        raise CheckpointError(f"{path}: missing (not a complete checkpoint group)")
+    check_group_files(path)
     sharded = group_sharded_state_dict(model, group)
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
-    except Exception as e:  # noqa: BLE001 - re-raised with the group named; megatron's errors are long
-        raise CheckpointError(f"{path}: cannot load group {group!r} into this model: {e}") from e
+    except load_errors() as e:  # re-raised with the group named; megatron's errors are long
+        raise CheckpointError(f"{path}: cannot load group {group!r} into this model: {first_line(e)}") from e
     params = group_parameters(model, group)
     missing = [n for n, _ in params if n not in loaded]
     if missing:
@@ -187,8 +234,10 @@ def read_metadata(checkpoint_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{checkpoint_dir}: not a complete checkpoint (no {MARKER})")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
     return meta
@@ -285,8 +334,9 @@ def load_model(model, checkpoint_dir: str | os.PathLike, on_group: Callable[[str
     meta = read_metadata(checkpoint_dir)
     groups = model_groups(len(model.decoder.layers))
     if meta.get("groups") != groups:
-        raise CheckpointError(
-            f"{checkpoint_dir}: holds groups {meta.get('groups')}, this model has {len(groups) - 2} layers")
+        held = meta.get("num_layers") or (len(meta["groups"]) - 2 if isinstance(meta.get("groups"), list) else "?")
+        raise CheckpointError(f"{checkpoint_dir}: holds a {held}-layer model ({meta.get('architecture', '?')}), "
+                              f"this model has {len(groups) - 2} layers")
     for group in groups:
         load_group(model, group, checkpoint_dir)
         if on_group:

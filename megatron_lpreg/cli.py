@@ -23,10 +23,13 @@ from pathlib import Path
 import yaml
 
 from megatron_lpreg.checkpointing import CheckpointError
-from megatron_lpreg.config import ConfigError, check_inputs, config_to_dict, load_config
+from megatron_lpreg.config import ConfigError, config_to_dict, load_config
 from megatron_lpreg.data import DataError
+from megatron_lpreg.model import ModelConfigError
+from megatron_lpreg.parallel import ParallelConfigError
+from megatron_lpreg.weights.hf_files import HFCheckpointError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelConfigError, ParallelConfigError, HFCheckpointError)
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "examples" / "tiny_cpu" / "config.yaml"
 
@@ -55,6 +58,7 @@ def _rank() -> int:
 
 def _train(args) -> int:
     from megatron_lpreg.launch import local_processes, relaunch, under_launcher
+    from megatron_lpreg.preflight import check_run
 
     config = args.config
     if config is None:
@@ -65,9 +69,9 @@ def _train(args) -> int:
     if not under_launcher():
         if _uses_demo_assets(args.config, cfg):
             _prepare_demo(cfg)
-        if not args.dry_run:
-            check_inputs(cfg)
         nproc = local_processes(cfg)
+        if not args.dry_run:
+            check_run(cfg, nproc)
         if nproc > 1:
             argv = ["train", "--config", config, *args.overrides]
             if args.max_steps is not None:
@@ -152,9 +156,16 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, like every other error of the command (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-lpreg", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="megatron-lpreg", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run GRPO with Lp-Reg",
                            description="Run GRPO with Lp-Reg. Settings: defaults < --config < key=value. "

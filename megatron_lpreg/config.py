@@ -207,9 +207,14 @@ def _key_lines(node, prefix: str = "", out: dict | None = None) -> dict[str, int
 
 def _read_yaml(path: Path) -> tuple[dict, _Source]:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
     try:
         data = yaml.safe_load(text)
         lines = _key_lines(yaml.compose(text))
@@ -354,6 +359,11 @@ def _build_section(section: str, cls, given: dict, sources: dict[str, _Source]):
         return cls(**kwargs)
     except ValueError as e:
         keys = [k for k in given if k != "preset"]
+        # The dataclass names the bad field in its message: point at that key's line when it was given.
+        named = [k for k in keys if f".{k}=" in str(e) or f" {k} " in str(e)]
+        if named:
+            dotted = f"{section}.{named[0]}"
+            raise ConfigError(f"{sources[dotted].where(dotted)}: {e}") from None
         where = sources[f"{section}.{keys[0]}"].name if keys else "config"
         raise ConfigError(f"{where}: {section}: {e}") from None
 
@@ -374,6 +384,8 @@ def _check(cfg: Config, sources: dict[str, _Source]) -> None:
         if value < 0 or (key in _POSITIVE and value == 0):
             kind = "positive" if key in _POSITIVE else "non-negative"
             raise ConfigError(f"{where(key)}: must be {kind}, got {value!r}")
+    if cfg.rollout.n < 2:
+        raise ConfigError(f"{where('rollout.n')}: {cfg.rollout.n} responses per prompt; group advantages need at least 2")
     g = cfg.grpo
     if g.prompts_per_step % g.mini_batch_prompts:
         raise ConfigError(
@@ -412,6 +424,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 def check_inputs(cfg: Config) -> None:
     """The model directory and prompt files a run reads exist (before any rank or model starts)."""
     model = Path(cfg.model.path)
+    if not cfg.model.path or not model.is_dir():
+        raise ConfigError(f"model.path: {cfg.model.path or '(not set)'} is not a directory (a HF model directory is expected)")
     if not (model / "config.json").is_file():
         raise ConfigError(f"model.path: {model} has no config.json (a HF model directory is expected)")
     if not cfg.data.train_files:

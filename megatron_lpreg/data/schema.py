@@ -22,16 +22,20 @@ Prompt = Union[str, list[Message]]
 
 _MISSING = object()
 
+#: A row (a JSONL line, or a Parquet row's prompt text) above this size is an error: no real prompt
+#: is near it, and a runaway row (a concatenated file, a binary blob) should not be tokenised.
+MAX_ROW_BYTES = 8 << 20
+
 
 class DataError(ValueError):
     """A malformed prompt row. The message names the file, the row and the field."""
 
-    def __init__(self, path: str, row: str, field: str | None, reason: str):
+    def __init__(self, path: str, row: str | None, field: str | None, reason: str):
         self.path = str(path)
         self.row = row
         self.field = field
         self.reason = reason
-        where = f"{self.path}: {row}"
+        where = self.path if row is None else f"{self.path}: {row}"
         if field is not None:
             where += f": field {field!r}"
         super().__init__(f"{where}: {reason}")
@@ -103,10 +107,17 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def _check_size(chars: int, field: str) -> None:
+    if chars > MAX_ROW_BYTES:
+        raise FieldError(field, f"prompt is {chars / 2**20:.1f} M characters, over the "
+                                f"{MAX_ROW_BYTES >> 20} MB row limit")
+
+
 def validate_prompt(value: Any, field: str) -> Prompt:
     if isinstance(value, str):
         if not value.strip():
             raise FieldError(field, "empty prompt")
+        _check_size(len(value), field)
         return value
     if isinstance(value, (list, tuple)):
         if len(value) == 0:
@@ -125,6 +136,7 @@ def validate_prompt(value: Any, field: str) -> Prompt:
             raise FieldError(field, "message list has no 'user' message")
         if not any(m["content"].strip() for m in messages):
             raise FieldError(field, "empty prompt (all message contents are empty)")
+        _check_size(sum(len(m["content"]) for m in messages), field)
         return messages
     raise FieldError(field, f"expected a string or a list of chat messages, got {_type_name(value)}")
 

@@ -114,12 +114,16 @@ def load_training_checkpoint(path, *, model, optimizer) -> dict:
         where = path / OPTIM_DIR / group
         if not (where / "metadata.json").exists():
             raise ckpt.CheckpointError(f"{where}: missing optimiser state (not a training checkpoint?)")
+        ckpt.check_group_files(where)
         try:
             loaded = dist_checkpointing.load(_optim_sharded(model, optimizer, group), str(where))
-        except Exception as e:  # noqa: BLE001 - megatron's messages are long; name the group
-            raise ckpt.CheckpointError(f"{where}: cannot load optimiser state: {e}") from e
+        except ckpt.load_errors() as e:  # megatron's messages are long; name the group
+            raise ckpt.CheckpointError(f"{where}: cannot load optimiser state: {ckpt.first_line(e)}") from e
         optimizer.load_sharded_state_dict(loaded)
-    state = json.loads((path / STATE_FILE).read_text())
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path / STATE_FILE}: cannot read the trainer state ({ckpt.first_line(e)})") from None
     optimizer.load_scalar_state(state.pop("optimizer"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng = path / RNG_DIR / f"rank_{rank:05d}.pt"

@@ -46,13 +46,16 @@ class HFCheckpoint(Mapping):
         shards = sorted(self.directory.glob("*.safetensors"))
         if not shards:
             raise HFCheckpointError(f"{self.directory}: no *.safetensors files (and no {INDEX_NAME})")
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         files: dict[str, Path] = {}
         for shard in shards:
-            with safe_open(shard, framework="pt") as f:
-                for name in f.keys():
-                    files[name] = shard
+            try:
+                with safe_open(shard, framework="pt") as f:
+                    for name in f.keys():
+                        files[name] = shard
+            except SafetensorError as e:
+                raise HFCheckpointError(f"{shard}: not a readable safetensors file ({e})") from None
         return files
 
     def __getitem__(self, name: str) -> torch.Tensor:

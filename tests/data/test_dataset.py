@@ -109,10 +109,10 @@ def test_multiple_files_blank_lines_and_max_samples(tmp_path):
 
 def test_unknown_extension(tmp_path):
     path = tmp_path / "x.csv"
-    path.write_text("")
+    path.write_text('{"prompt": "q", "data_source": "s", "reward_model": {"ground_truth": "1"}}\n')
     with pytest.raises(ValueError, match="format"):
         PromptDataset(str(path))
-    assert len(PromptDataset(str(path), format="jsonl")) == 0
+    assert len(PromptDataset(str(path), format="jsonl")) == 1
 
 
 # ---------------------------------------------------------------- errors
