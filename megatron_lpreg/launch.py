@@ -97,6 +97,9 @@ def relaunch(nproc: int, module_args: list[str]) -> int:
             phases = {r: last_phase(phase_dir, r) for r in range(nproc)}
             code = procs[failed].returncode
             _stop(procs)
+        except KeyboardInterrupt:  # Ctrl-C reached the ranks too; wait for them to go
+            _stop(procs)
+            return 130
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
