@@ -82,12 +82,24 @@ def save_training_checkpoint(path, *, model, optimizer, metadata: dict, trainer_
                              hf_source=None) -> None:
     """Write a complete training checkpoint at ``path`` (collective; replaces an existing one).
     A failed write (OSError) is a CheckpointError naming the checkpoint that remains the newest."""
+    from torch.distributed.checkpoint import CheckpointException
+
     try:
         _save(Path(path), model, optimizer, metadata, trainer_state, hf_source)
-    except OSError as e:  # a full disk, a quota: the partial directory is gone, older ones untouched
+    except (OSError, CheckpointException) as e:  # a full disk, a quota: the partial directory is gone
         found = complete_checkpoints(Path(path).parent.parent)
         kept = f"the newest complete one is still {found[-1][1]}" if found else "there is no earlier complete one"
-        raise ckpt.CheckpointError(f"{path}: checkpoint not saved ({e.strerror or e}); {kept}") from e
+        raise ckpt.CheckpointError(f"{path}: checkpoint not saved ({_write_error(e)}); {kept}") from e
+
+
+def _write_error(e: BaseException) -> str:
+    """The OSError's words; megatron's shard writer wraps them in a CheckpointException, which
+    carries them on its coordinator rank only (the others learn just that a write failed)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    # Its writer's errors arrive pickled (no __cause__), as RuntimeError("Worker failure: <OSError>").
+    words = [str(exc).splitlines()[0][:200] for exc, _ in getattr(e, "failures", {}).values()]
+    return f"a shard write failed: {words[0]}" if words else "a shard write failed on another rank"
 
 
 def _save(path: Path, model, optimizer, metadata: dict, trainer_state: dict, hf_source) -> None:

@@ -148,7 +148,7 @@ def test_non_finite_gradients_are_skipped_then_stop_the_run(tmp_path, assets):
     assert [s for s, _ in complete_checkpoints(tmp_path / "always")] == [2, 3]
 
 
-def _disk_full(ctx, root, policy, data):
+def _disk_full(ctx, root, policy, data, where):
     from megatron_lpreg.checkpointing import CheckpointError
     from megatron_lpreg.grpo.trainer import GRPOTrainer
 
@@ -165,24 +165,39 @@ def _disk_full(ctx, root, policy, data):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real_save(obj, f, *args, **kwargs)
 
-        torch.save = full_disk
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        real_item = filesystem_async._write_item
+
+        def full_disk_in_shard(*args, **kwargs):  # inside megatron's shard writer, on every rank
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        if where == "rng":
+            torch.save = full_disk
+        else:
+            filesystem_async._write_item = full_disk_in_shard
         try:
             trainer.fit()
         except CheckpointError as e:
             error = str(e)
         finally:
             torch.save = real_save
+            filesystem_async._write_item = real_item
     with GRPOTrainer(cfg) as trainer:
         return {"error": error, "resumed_at": trainer.step}
 
 
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, assets):
+@pytest.mark.parametrize("where", ["rng", "shard"])
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, assets, where):
     policy, data = assets
-    results = run_distributed(_disk_full, world_size=2, tp_size=2, args=(str(tmp_path), policy, data),
+    results = run_distributed(_disk_full, world_size=2, tp_size=2, args=(str(tmp_path), policy, data, where),
                               timeout_s=300)
     ckpts = tmp_path / "checkpoints"
-    for r in results:
-        assert r["error"] == (f"{ckpts / 'step_000002'}: checkpoint not saved (No space left on device); "
+    for rank, r in enumerate(results):
+        # megatron reports a failed shard write in words on its coordinator (rank 0) only.
+        cause = {"rng": "No space left on device", "shard": "a shard write failed on another rank" if rank else
+                 "a shard write failed: Worker failure: [Errno 28] No space left on device"}[where]
+        assert r["error"] == (f"{ckpts / 'step_000002'}: checkpoint not saved ({cause}); "
                               f"the newest complete one is still {ckpts / 'step_000001'}")
         assert r["resumed_at"] == 1
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [1]
