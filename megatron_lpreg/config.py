@@ -99,7 +99,7 @@ class GRPOConfig:
     adv_eps: float = 1e-6  # advantage = (r - mean) / (std + adv_eps) within a prompt's group
     normalize_adv_std: bool = True  # false: Dr. GRPO style, r - mean only
     seed: int = 1234  # data order, sampling and model init streams
-    max_consecutive_skips: int = 10  # non-finite optimiser steps in a row that stop the run (last good weights kept); 0 = never
+    max_consecutive_skips: int = 10  # skipped (non-finite) optimiser steps in a row that stop the run; 0 = never
 
 
 @dataclass
@@ -172,7 +172,8 @@ _POSITIVE = (
     "reward.num_workers", "grpo.prompts_per_step", "grpo.mini_batch_prompts", "grpo.epochs",
     "grpo.micro_batch_tokens", "grpo.pad_to_multiple", "data.max_prompt_len",
 )
-_NON_NEGATIVE = ("grpo.steps", "grpo.max_consecutive_skips", "validation.every", "checkpoint.every", "optim.lr", "optim.weight_decay",
+_NON_NEGATIVE = ("grpo.steps", "grpo.max_consecutive_skips",
+                 "validation.every", "checkpoint.every", "optim.lr", "optim.weight_decay",
                  "reward.timeout_s")
 
 
