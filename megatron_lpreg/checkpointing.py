@@ -16,7 +16,8 @@ tensors and reshards on load. Keys are megatron's, with the two local-spec norm 
 Transformer Engine names, so checkpoints written under either layer spec load under the other.
 
 Atomicity: everything is written into a hidden ``.<name>.partial`` sibling that is renamed into
-place after the metadata is written; an interrupted save leaves no directory that looks complete.
+place after the metadata is written; an interrupted save leaves no directory that looks complete,
+and a failed one (an exception, e.g. a full disk) removes its partial directory.
 All functions are collective over the default process group when it has several ranks (each rank
 writes its own shards; rank 0 writes the metadata and renames).
 """
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from megatron_lpreg import faults
 
 FORMAT_VERSION = 1
 MARKER = "lpreg_checkpoint.json"
@@ -269,9 +272,16 @@ def staged_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
             shutil.rmtree(partial)  # the leftover of an interrupted save
         partial.mkdir(parents=True)
     _barrier()
-    yield partial
+    try:
+        yield partial
+    except BaseException:
+        # Free what was written (a full disk is a likely cause); the name is hidden either way.
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     _barrier()
     if _rank() == 0:
+        faults.point("checkpoint_rename")
         old = final.parent / f".{final.name}.old"
         if final.exists():
             if old.exists():

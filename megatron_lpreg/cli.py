@@ -28,6 +28,7 @@ from megatron_lpreg.data import DataError
 from megatron_lpreg.model import ModelConfigError
 from megatron_lpreg.parallel import ParallelConfigError
 from megatron_lpreg.weights.hf_files import HFCheckpointError
+from megatron_lpreg.grpo.skips import TrainingDiverged
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelConfigError, ParallelConfigError, HFCheckpointError)
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +90,15 @@ def _train(args) -> int:
     try:
         with GRPOTrainer(cfg) as trainer:
             trainer.fit(max_steps=args.max_steps)
+    except Exception as e:
+        if not isinstance(e, (*USER_ERRORS, TrainingDiverged)):
+            # Which rank and where: a collective that timed out or lost its peer says neither.
+            from megatron_lpreg import faults
+
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            print(f"megatron-lpreg: rank {_rank()} failed during {faults.where()}: {type(e).__name__}: {first}",
+                  file=sys.stderr, flush=True)
+        raise
     finally:
         _shutdown()
     if _rank() == 0:
@@ -224,6 +234,9 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         print(f"megatron-lpreg: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"megatron-lpreg: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ class GRPOConfig:
     dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards, sample more prompts until prompts_per_step are kept
     max_sampling_rounds: int = 10  # cap on generation rounds per step; then train on the groups kept
     seed: int = 1234  # data order, sampling and model init streams
+    max_consecutive_skips: int = 10  # skipped (non-finite) optimiser steps in a row that stop the run; 0 = never
 
 
 @dataclass
@@ -179,8 +180,8 @@ _POSITIVE = (
     "reward.num_workers", "grpo.prompts_per_step", "grpo.mini_batch_prompts", "grpo.epochs",
     "grpo.micro_batch_tokens", "grpo.pad_to_multiple", "data.max_prompt_len", "grpo.max_sampling_rounds",
 )
-_NON_NEGATIVE = ("grpo.steps", "validation.every", "checkpoint.every", "optim.lr", "optim.weight_decay",
-                 "reward.timeout_s", "reward.overlong_buffer", "reward.overlong_penalty")
+_NON_NEGATIVE = ("grpo.steps", "grpo.max_consecutive_skips", "validation.every", "checkpoint.every", "optim.lr",
+                 "optim.weight_decay", "reward.timeout_s", "reward.overlong_buffer", "reward.overlong_penalty")
 
 
 # ------------------------------------------------------------------------------------- loading

@@ -109,7 +109,8 @@ def init_distributed(
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp_size,
-        distributed_timeout_minutes=max(1, int(round(timeout_s / 60))),
+        # Megatron's groups take minutes; a fraction keeps a short timeout_s short (not 1 minute).
+        distributed_timeout_minutes=timeout_s / 60,
     )
     if use_cuda:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed

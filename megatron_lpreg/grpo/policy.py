@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_lpreg import faults
 from megatron_lpreg.grpo.batching import RolloutBatch, collate, token_budget_microbatches
 from megatron_lpreg.grpo.metrics import MetricSums
 from megatron_lpreg.grpo.packing import pack_rows, token_budget_packs
@@ -185,8 +186,10 @@ def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCon
                 else:
                     weight = len(rows) / len(mini)
                 (loss * weight).backward()
+                faults.point("train")
                 metrics.add(m, weight=float(data["loss_mask"].sum()))
                 metrics.add({"loss/policy": float(loss.detach())}, weight=len(rows))
+            faults.point("optimizer", tensors=lambda: [p.grad for p in pc.model.parameters()])
             steps.append(optimizer.step())
     return metrics, steps
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lpreg import checkpointing as ckpt
+from megatron_lpreg import faults
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,29 @@ def _optim_sharded(model, optimizer, group: str) -> dict:
 
 def save_training_checkpoint(path, *, model, optimizer, metadata: dict, trainer_state: dict,
                              hf_source=None) -> None:
-    """Write a complete training checkpoint at ``path`` (collective; replaces an existing one)."""
+    """Write a complete training checkpoint at ``path`` (collective; replaces an existing one).
+    A failed write (OSError) is a CheckpointError naming the checkpoint that remains the newest."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    try:
+        _save(Path(path), model, optimizer, metadata, trainer_state, hf_source)
+    except (OSError, CheckpointException) as e:  # a full disk, a quota: the partial directory is gone
+        found = complete_checkpoints(Path(path).parent.parent)
+        kept = f"the newest complete one is still {found[-1][1]}" if found else "there is no earlier complete one"
+        raise ckpt.CheckpointError(f"{path}: checkpoint not saved ({_write_error(e)}); {kept}") from e
+
+
+def _write_error(e: BaseException) -> str:
+    """The OSError's words; megatron's shard writer wraps them in a CheckpointException, which
+    carries them on its coordinator rank only (the others learn just that a write failed)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    # Its writer's errors arrive pickled (no __cause__), as RuntimeError("Worker failure: <OSError>").
+    words = [str(exc).splitlines()[0][:200] for exc, _ in getattr(e, "failures", {}).values()]
+    return f"a shard write failed: {words[0]}" if words else "a shard write failed on another rank"
+
+
+def _save(path: Path, model, optimizer, metadata: dict, trainer_state: dict, hf_source) -> None:
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -97,10 +120,12 @@ def save_training_checkpoint(path, *, model, optimizer, metadata: dict, trainer_
             if dist.is_initialized():
                 dist.barrier()
             dist_checkpointing.save(_optim_sharded(model, optimizer, group), str(tmp / OPTIM_DIR / group))
+            faults.point("checkpoint_shard")
         torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}.pt")
         if rank == 0:
             state = {**trainer_state, "optimizer": optimizer.scalar_state()}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        faults.point("checkpoint_commit")
         ckpt.write_metadata(tmp, {**metadata, "groups": groups, "step": trainer_state["step"]})
 
 

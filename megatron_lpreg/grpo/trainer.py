@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from megatron_lpreg import checkpointing as ckpt
+from megatron_lpreg import faults
 from megatron_lpreg.config import Config, ConfigError, check_inputs, config_to_dict, save_config
 from megatron_lpreg.data import DataFields, PromptSampler, encode_prompts, load_prompt_dataset
 from megatron_lpreg.grpo.advantages import group_advantages, group_stats
@@ -30,6 +31,7 @@ from megatron_lpreg.grpo.optimizer import PolicyOptimizer
 from megatron_lpreg.grpo.policy import PolicyContext, score_rollouts, train_on_rollouts
 from megatron_lpreg.grpo.reward_shaping import overlong_penalty, shape_rewards, truncated_mask
 from megatron_lpreg.grpo.rollout import generate_and_grade, share_in_group
+from megatron_lpreg.grpo.skips import SkipCounter, TrainingDiverged, weights_finite
 from megatron_lpreg.grpo.state import (
     complete_checkpoints, load_training_checkpoint, prune_checkpoints, save_training_checkpoint, step_dir,
 )
@@ -171,6 +173,7 @@ class GRPOTrainer:
         self.step = 0
         self.best: dict | None = None
         self.memory = PhasePeaks(ctx.device)
+        self.skips = SkipCounter(g.max_consecutive_skips)
         self.resumed_from = self._resume()
         self.last_refit_s = self.refit()
         self.metrics_logger = self._make_logger()
@@ -193,6 +196,7 @@ class GRPOTrainer:
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.best = state.get("best")
+        self.skips.in_a_row = int(state.get("consecutive_skips", 0))
         if self.ctx.rank == 0:
             logger.info("resumed from %s at step %d", path, self.step)
         return path
@@ -216,6 +220,7 @@ class GRPOTrainer:
         start = time.perf_counter()
         self.refit_stats = stats = RefitStats()
         if self.shared_weights is not None:
+            faults.point("refit")
             self.shared_weights.refit(self.model, self.spec, te=self.te,
                                       engine_model=self.engine.model if self.engine else None, stats=stats)
             if self.engine is not None:
@@ -225,6 +230,7 @@ class GRPOTrainer:
         buckets = stream_hf_weights(self.model, self.spec, tp_group=self.ctx.tp_group, te=self.te,
                                     bucket_bytes=self.cfg.rollout.refit_bucket_mb << 20, dst_tp_rank=0, stats=stats)
         for bucket in buckets:
+            faults.point("refit")
             if self.engine is not None:
                 self.engine.update_weights(bucket)
         return time.perf_counter() - start
@@ -288,6 +294,7 @@ class GRPOTrainer:
         """Old/proxy log-probs, then the policy updates: (scores, loss metrics, optimiser results, times)."""
         c = self.cfg
         loss_cfg = loss_cfg or c.loss
+        faults.point("logprob")
         t = time.perf_counter()
         with self.memory.phase("logprob"):
             scores = score_rollouts(self.policy, batch, loss_cfg)
@@ -306,9 +313,11 @@ class GRPOTrainer:
     def train_step(self) -> dict[str, float]:
         step = self.step + 1
         t0 = time.perf_counter()
+        faults.point("rollout", step)
         with self.memory.phase("rollout"):
             graded, batch, truncated = self.collect(step)
         scores, loss_sums, results, times = self.learn(batch)
+        self.skips.add(results)
         with self.memory.phase("refit"):
             refit_s = self.refit()
         times.update({"time/rollout": graded.generate_s, "time/reward": graded.reward_s, "time/refit": refit_s})
@@ -372,6 +381,7 @@ class GRPOTrainer:
         c = self.cfg
         if self.val_data is None:
             return {}
+        faults.point("validation")
         start = time.perf_counter()
         prompt_ids = None
         if self.engine_rank:
@@ -395,7 +405,8 @@ class GRPOTrainer:
             self.spec, source=self.hf_dir, dtype=getattr(torch, self.cfg.model.dtype), tp_size=self.ctx.tp_size,
             padded_vocab_size=int(self.model.embedding.word_embeddings.weight.shape[0]) * self.ctx.tp_size)
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "best": self.best,
-                 "world_size": self.ctx.world_size, "tp_size": self.ctx.tp_size}
+                 "world_size": self.ctx.world_size, "tp_size": self.ctx.tp_size,
+                 "consecutive_skips": self.skips.in_a_row}
         save_training_checkpoint(path, model=self.model, optimizer=self.optimizer, metadata=metadata,
                                  trainer_state=state, hf_source=self.hf_dir)
         prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
@@ -415,6 +426,8 @@ class GRPOTrainer:
             if self.val_data is not None and c.validation.every and self.step % c.validation.every == 0:
                 last.update(self.validate())
             self.metrics_logger.log(self.step, last)
+            if self.skips.exceeded:
+                self._stop_diverged(saved_at)
             if c.checkpoint.every and self.step % c.checkpoint.every == 0:
                 self.save()
                 saved_at = self.step
@@ -423,6 +436,19 @@ class GRPOTrainer:
         if self.best is not None:
             self.metrics_logger.log_summary({"val/best": self.best["val/mean"], "val/best_step": self.best["step"]})
         return last
+
+    def _stop_diverged(self, saved_at: int | None) -> None:
+        """Keep the last good weights and stop. Skipped steps never touch the weights or the
+        optimiser, so the current state is the last good one: saved (with the data position past
+        the bad batches) unless it is somehow not finite, then the previous checkpoint is it."""
+        where = f"{self.skips.in_a_row} optimiser steps in a row had a non-finite gradient norm " \
+                f"(grpo.max_consecutive_skips={self.cfg.grpo.max_consecutive_skips}), the last at step {self.step}"
+        if weights_finite(self.model):
+            kept = self.save() if saved_at != self.step else step_dir(self.run_dir, self.step)
+        else:
+            found = complete_checkpoints(self.run_dir)
+            kept = found[-1][1] if found else None
+        raise TrainingDiverged(f"{where}; stopped: last good weights in {kept or 'no checkpoint'}")
 
     def close(self) -> None:
         if getattr(self.engine, "close", None) is not None:  # vLLM's engine processes
