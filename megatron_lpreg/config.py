@@ -25,7 +25,7 @@ from megatron_lpreg.loss.config import PRESETS, LpRegConfig
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "check_inputs", "DataConfig", "GRPOConfig", "LoggingConfig",
-    "ModelConfig", "OptimConfig", "ParallelConfig", "RewardConfig", "RolloutConfig",
+    "MismatchConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RewardConfig", "RolloutConfig",
     "ValidationConfig", "config_to_dict", "load_config", "save_config",
 ]
 
@@ -102,6 +102,13 @@ class GRPOConfig:
 
 
 @dataclass
+class MismatchConfig:
+    # Rollout/training mismatch corrections (grpo/mismatch.py); the mismatch metrics are always logged.
+    tis_cap: float | None = None  # truncated importance sampling: pg term x min(exp(l_old - l_engine), cap); null = off
+    mask_seq_abs_diff: float | None = None  # sequences whose mean |l_old - l_engine| exceeds this get no loss; null = off
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-6  # constant
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW
@@ -151,6 +158,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    mismatch: MismatchConfig = field(default_factory=MismatchConfig)
     loss: LpRegConfig = field(default_factory=LpRegConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -373,6 +381,10 @@ def _check(cfg: Config, sources: dict[str, _Source]) -> None:
             f"grpo.prompts_per_step={g.prompts_per_step}")
     if not 0.0 < cfg.rollout.top_p <= 1.0 or cfg.rollout.temperature < 0:
         raise ConfigError(f"{where('rollout.top_p')}: need 0 < top_p <= 1 and temperature >= 0")
+    for key in ("mismatch.tis_cap", "mismatch.mask_seq_abs_diff"):
+        value = getattr(cfg.mismatch, key.split(".")[1])
+        if value is not None and not value > 0:
+            raise ConfigError(f"{where(key)}: must be positive (or null: off), got {value!r}")
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
         raise ConfigError(f"{where('checkpoint.resume')}: auto, never, or a checkpoint path")
 

@@ -38,7 +38,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PER_TOKEN_FIELDS = ("old_logprobs", "proxy_logprobs")
+PER_TOKEN_FIELDS = ("old_logprobs", "proxy_logprobs", "engine_logprobs")
 
 
 @dataclass
@@ -53,7 +53,10 @@ class RolloutBatch:
         old_logprobs: optional N 1-D tensors of length ``R_i``: log-prob of each response token under
             the behaviour policy, in response order (index j <-> token ``input_ids[i][P_i + j]``).
         proxy_logprobs: optional, same layout as ``old_logprobs`` (Lp-Reg proxy policy).
+        engine_logprobs: optional, same layout: the rollout engine's own log-probs of the sampled
+            tokens (rollout/training mismatch, truncated importance sampling).
         rewards: optional [N] rewards (bookkeeping only).
+        train_mask: optional [N] bool; False drops the sequence from the loss (its ``loss_mask`` is 0).
     """
 
     input_ids: list
@@ -62,7 +65,9 @@ class RolloutBatch:
     advantages: torch.Tensor
     old_logprobs: Optional[list] = None
     proxy_logprobs: Optional[list] = None
+    engine_logprobs: Optional[list] = None
     rewards: Optional[torch.Tensor] = None
+    train_mask: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         n = len(self.input_ids)
@@ -78,6 +83,10 @@ class RolloutBatch:
             self.rewards = torch.as_tensor(self.rewards)
             if tuple(self.rewards.shape) != (n,):
                 raise ValueError(f"rewards must have shape [{n}], got {tuple(self.rewards.shape)}")
+        if self.train_mask is not None:
+            self.train_mask = torch.as_tensor(self.train_mask, dtype=torch.bool)
+            if tuple(self.train_mask.shape) != (n,):
+                raise ValueError(f"train_mask must have shape [{n}], got {tuple(self.train_mask.shape)}")
         for i, (ids, p, r) in enumerate(zip(self.input_ids, self.prompt_lens, self.response_lens)):
             if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
                 raise ValueError(f"input_ids[{i}] must be a 1-D tensor")
@@ -97,6 +106,10 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def trained(self, i: int) -> bool:
+        """Whether sequence ``i`` takes part in the loss (``train_mask``)."""
+        return self.train_mask is None or bool(self.train_mask[i])
 
     @property
     def lengths(self) -> list:
@@ -168,10 +181,11 @@ def collate(batch: RolloutBatch, indices: Sequence[int], pad_id: int, pad_to_mul
     Returns a dict with (B = len(indices), S = padded_length(max length, pad_to_multiple)):
         tokens [B, S] long, padded with ``pad_id``;
         targets [B, S] long, ``targets[:, t] = tokens[:, t + 1]`` for real positions, ``pad_id`` elsewhere;
-        loss_mask [B, S] bool, True where ``targets`` is a response token;
+        loss_mask [B, S] bool, True where ``targets`` is a response token (of a sequence ``train_mask``
+            keeps);
         position_ids [B, S] long, ``0..S-1`` (right padding + causal attention needs no attention mask);
         advantages [B] float32;
-        old_logprobs / proxy_logprobs [B, S] float32 (only if present in ``batch``), response token
+        old_logprobs / proxy_logprobs / engine_logprobs [B, S] float32 (only if present in ``batch``), response token
             ``j`` at position ``prompt_len - 1 + j``, 0.0 elsewhere;
         seq_lens, prompt_lens, response_lens [B] long; indices [B] long (rows of ``batch``).
     """
@@ -200,7 +214,7 @@ def collate(batch: RolloutBatch, indices: Sequence[int], pad_id: int, pad_to_mul
         tokens[row, :length] = ids
         targets[row, : length - 1] = ids[1:]
         # Positions p-1 .. p+r-2 predict the response tokens p .. p+r-1.
-        loss_mask[row, p - 1 : p - 1 + r] = True
+        loss_mask[row, p - 1 : p - 1 + r] = batch.trained(i)
         for name, out in per_token.items():
             out[row, p - 1 : p - 1 + r] = getattr(batch, name)[i].to(torch.float32)
     result = {

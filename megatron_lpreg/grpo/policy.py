@@ -18,6 +18,7 @@ import torch
 
 from megatron_lpreg.grpo.batching import RolloutBatch, collate, token_budget_microbatches
 from megatron_lpreg.grpo.metrics import MetricSums
+from megatron_lpreg.grpo.mismatch import tis_weights
 from megatron_lpreg.loss import (
     LpRegConfig, lp_reg_policy_loss, selection_thresholds, vocab_parallel_forward_kl_to_proxy,
     vocab_parallel_reverse_kl_to_proxy, vocab_parallel_token_stats,
@@ -99,9 +100,13 @@ def _minibatches(n: int, num: int) -> list[list[int]]:
 
 
 def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimizer, *,
-                      num_minibatches: int, epochs: int) -> tuple[MetricSums, list]:
+                      num_minibatches: int, epochs: int, tis_cap: float | None = None) -> tuple[MetricSums, list]:
     """``epochs`` passes of ``num_minibatches`` optimiser steps over ``batch`` (this DP rank's
-    share); returns the loss metrics and each optimiser step's result."""
+    share); returns the loss metrics and each optimiser step's result. ``tis_cap``: truncated
+    importance sampling against the engine's log-probs (``batch.engine_logprobs``), None = off.
+    Sequences ``batch.train_mask`` drops count nowhere (tokens, percentiles)."""
+    if tis_cap is not None and batch.engine_logprobs is None:
+        raise ValueError("tis_cap needs the engine's log-probs (RolloutBatch.engine_logprobs)")
     pc.model.train()
     metrics = MetricSums()
     steps = []
@@ -113,12 +118,12 @@ def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCon
             if loss_cfg.percentile_scope != "microbatch" and loss_cfg.enabled:
                 # The batch scopes rank log-probs over the whole mini-batch on all DP ranks; they are
                 # taken before the update (pi_old), which is the current policy on-policy.
-                masks = [torch.ones(batch.response_lens[i], dtype=torch.bool) for i in mini]
+                masks = [torch.full((batch.response_lens[i],), batch.trained(i)) for i in mini]
                 thresholds = selection_thresholds(
                     [batch.old_logprobs[i].unsqueeze(0) for i in mini],
                     [batch.advantages[i:i + 1] for i in mini],
                     [m.unsqueeze(0) for m in masks], loss_cfg, group=pc.dp_group)
-            local_tokens = sum(int(batch.response_lens[i]) for i in mini)
+            local_tokens = sum(int(batch.response_lens[i]) for i in mini if batch.trained(i))
             if loss_cfg.loss_agg == "global_token_mean":
                 t = torch.tensor([float(local_tokens)], dtype=torch.float64)
                 if pc.dp_group is not None:
@@ -131,10 +136,15 @@ def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCon
                     logits, data["targets"], group=pc.tp_group, vocab_size=pc.vocab_size,
                     entropy=need_entropy, proxy=False, inplace=exact_kl is None,
                 )
+                pg_weight = None
+                if tis_cap is not None:
+                    pg_weight, tis = tis_weights(data["old_logprobs"], data["engine_logprobs"],
+                                                 data["loss_mask"], tis_cap)
+                    metrics.add(tis, weight=float(data["loss_mask"].sum()))
                 loss, m = lp_reg_policy_loss(
                     stats.logprobs, data["old_logprobs"], data["proxy_logprobs"], data["advantages"],
                     data["loss_mask"], loss_cfg, exact_kl, entropy=stats.entropy, thresholds=thresholds,
-                    global_tokens=global_tokens,
+                    global_tokens=global_tokens, pg_weight=pg_weight,
                 )
                 if loss_cfg.loss_agg == "global_token_mean":
                     weight = float(pc.dp_size)  # the optimiser averages over DP; the sum is wanted

@@ -25,6 +25,7 @@ from megatron_lpreg.data import DataFields, PromptSampler, encode_prompts, load_
 from megatron_lpreg.grpo.advantages import group_advantages, group_stats
 from megatron_lpreg.grpo.batching import RolloutBatch
 from megatron_lpreg.grpo.metrics import MetricSums
+from megatron_lpreg.grpo.mismatch import mismatch_metrics, trainable_sequences
 from megatron_lpreg.grpo.optimizer import PolicyOptimizer
 from megatron_lpreg.grpo.policy import PolicyContext, score_rollouts, train_on_rollouts
 from megatron_lpreg.grpo.rollout import generate_and_grade, share_in_group
@@ -33,6 +34,7 @@ from megatron_lpreg.grpo.state import (
 )
 from megatron_lpreg.grpo.validation import validate
 from megatron_lpreg.parallel import init_distributed
+from megatron_lpreg.rollout.build import build_rollout_engine, rollout_engine_kind  # noqa: F401 (re-exported)
 from megatron_lpreg.rollout.engine import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -57,27 +59,17 @@ def stop_token_ids(tokenizer, hf_dir: Path) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def rollout_engine_kind(choice: str) -> str:
-    """``rollout.engine`` resolved: auto is vllm on CUDA when vLLM is installed, else hf."""
-    if choice != "auto":
-        return choice
-    from megatron_lpreg.rollout.vllm_engine import vllm_available
-
-    return "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
-
-
 def sampling_seed(seed: int, step: int, dp_rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + dp_rank) % (2**31 - 1)
 
 
 class GRPOTrainer:
     def __init__(self, cfg: Config):
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from megatron_lpreg.model import parse_hf_config
         from megatron_lpreg.model.build import build_gpt_model, transformer_engine_available
         from megatron_lpreg.rewards import FunctionReward, RewardPool
-        from megatron_lpreg.rollout.hf_engine import HFEngine
         from megatron_lpreg.weights import load_hf_weights
 
         self.cfg = cfg
@@ -127,19 +119,7 @@ class GRPOTrainer:
 
         self.engine = self.pool = None
         if self.engine_rank:
-            if rollout_engine_kind(cfg.rollout.engine) == "vllm":
-                from megatron_lpreg.rollout.vllm_engine import VLLMEngine
-
-                # Without weights (load_format=dummy), like the HF engine: the refit below fills them.
-                # vLLM refuses a max_model_len beyond the model's context, which caps the responses.
-                max_tokens = max(cfg.rollout.max_tokens, cfg.validation.max_tokens or 0)
-                self.engine = VLLMEngine(
-                    hf_dir, dtype=cfg.model.dtype, seed=g.seed, load_format="dummy",
-                    max_model_len=min(d.max_prompt_len + max_tokens, self.spec.max_position_embeddings),
-                    gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
-            else:
-                self.engine = HFEngine.from_config(AutoConfig.from_pretrained(hf_dir), dtype=dtype,
-                                                   pad_token_id=pad_id, max_batch_size=cfg.rollout.max_batch_size)
+            self.engine = build_rollout_engine(cfg, hf_dir, self.spec.max_position_embeddings, pad_id, g.seed)
             r = cfg.reward
             self.pool = FunctionReward(r.function) if r.function else \
                 RewardPool(r.num_workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb)
@@ -225,7 +205,9 @@ class GRPOTrainer:
             prompt_lens.append(len(prompt))
         rewards = torch.tensor(graded.rewards, dtype=torch.float32)
         adv = group_advantages(rewards, n, eps=self.cfg.grpo.adv_eps, normalize_std=self.cfg.grpo.normalize_adv_std)
-        return RolloutBatch(input_ids, prompt_lens, graded.response_lens, adv, rewards=rewards)
+        engine_logprobs = [torch.tensor(comp.logprobs, dtype=torch.float32) for comp in graded.completions]
+        return RolloutBatch(input_ids, prompt_lens, graded.response_lens, adv, rewards=rewards,
+                            engine_logprobs=engine_logprobs)
 
     def collect(self, step: int):
         """Rollout and rewards for ``step``: (graded rollout, training batch, truncated prompts)."""
@@ -241,11 +223,19 @@ class GRPOTrainer:
         scores = score_rollouts(self.policy, batch, loss_cfg)
         batch.old_logprobs, batch.proxy_logprobs = scores["old_logprobs"], scores["proxy_logprobs"]
         times = {"time/logprob": time.perf_counter() - t}
+        masked = None
+        if c.mismatch.mask_seq_abs_diff is not None:
+            batch.train_mask = trainable_sequences(batch.engine_logprobs, batch.old_logprobs,
+                                                   c.mismatch.mask_seq_abs_diff)
+            masked = float((~batch.train_mask).sum())
         t = time.perf_counter()
         g = c.grpo
         loss_sums, results = train_on_rollouts(
             self.policy, batch, loss_cfg, self.optimizer,
-            num_minibatches=g.prompts_per_step // g.mini_batch_prompts, epochs=g.epochs)
+            num_minibatches=g.prompts_per_step // g.mini_batch_prompts, epochs=g.epochs,
+            tis_cap=c.mismatch.tis_cap)
+        if masked is not None:
+            loss_sums.add({"mismatch/masked_seqs": masked / max(len(batch), 1)}, weight=len(batch))
         times["time/train"] = time.perf_counter() - t
         return scores, loss_sums, results, times
 
@@ -289,12 +279,10 @@ class GRPOTrainer:
             })
         tokens = sum(int(v.numel()) for v in scores["entropy"])
         if tokens:
-            entropy = sum(float(v.sum()) for v in scores["entropy"]) / tokens
-            # The engine's own log-probs against the trainer's recomputation: the rollout/train gap.
-            diffs = [abs(torch.tensor(comp.logprobs[:len(old)]) - old).sum() for comp, old
-                     in zip(graded.completions, scores["old_logprobs"]) if len(old)]
-            sums.add({"entropy/mean": entropy,
-                      "rollout/logprob_abs_diff": float(sum(diffs)) / tokens}, weight=tokens)
+            sums.add({"entropy/mean": sum(float(v.sum()) for v in scores["entropy"]) / tokens}, weight=tokens)
+        # The engine's own log-probs against the trainer's recomputation: the rollout/train gap.
+        mismatch, tokens = mismatch_metrics(batch.engine_logprobs, scores["old_logprobs"])
+        sums.add(mismatch, weight=tokens)
         return sums
 
     # ---------------------------------------------------------------------------- validation, checkpoints

@@ -98,6 +98,7 @@ def lp_reg_policy_loss(
     entropy: torch.Tensor | None = None,
     thresholds: SelectionThresholds | None = None,
     global_tokens: int | None = None,
+    pg_weight: torch.Tensor | None = None,
 ):
     """LP_REG.md sections 2-4 for one micro-batch -> (loss, metrics).
 
@@ -107,6 +108,8 @@ def lp_reg_policy_loss(
     the bool mask of S' and returning its values in row-major order (so only those rows are computed).
     entropy: per-token entropy [B, S], needed for entropy_coef > 0 (differentiable) and
     high_entropy_fraction < 1. thresholds: from ``selection_thresholds`` for the batch scopes.
+    pg_weight: optional [B, S] per-token weight of the policy-gradient term (truncated importance
+    sampling, ``grpo/mismatch.py``), treated as a constant; the Lp-Reg term D_t is not weighted.
     The loss is aggregated by ``config.loss_agg`` (token mean by default).
     """
     mask = mask.bool()
@@ -119,6 +122,11 @@ def lp_reg_policy_loss(
     ratio = torch.exp(log_ratio)
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
+    clipped = pg_clipped > pg_unclipped
+    if pg_weight is not None:
+        # w >= 0 commutes with the max, so weighting both branches weights the clipped surrogate.
+        w = pg_weight.detach().to(logprobs.dtype)
+        pg_unclipped, pg_clipped = w * pg_unclipped, w * pg_clipped
     token_loss = torch.maximum(pg_unclipped, pg_clipped)
     metrics: dict[str, float] = {}
 
@@ -164,7 +172,7 @@ def lp_reg_policy_loss(
         metrics.update({
             "loss/tokens": float(mask.sum()),
             "loss/nonfinite_tokens": float(nonfinite.sum()),
-            "pg/clipfrac": _masked_mean((pg_clipped > pg_unclipped).to(r.dtype), loss_mask),
+            "pg/clipfrac": _masked_mean(clipped.to(r.dtype), loss_mask),
             "pg/ratio_mean": _masked_mean(r, mask),
             "pg/ratio_max": float(r[mask].max()) if mask.any() else 0.0,
             "pg/ratio_min": float(r[mask].min()) if mask.any() else 0.0,

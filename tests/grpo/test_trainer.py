@@ -55,7 +55,7 @@ def test_three_steps(tmp_path, assets, tp):
         assert row["loss/tokens"] == pytest.approx(16 * row["response/length_mean"]) and row["loss/tokens"] <= 192
         assert 0 < row["reward/mean"] < 1
         # The engine's raw log-probs and the trainer's recomputation agree (same weights after refit).
-        assert row["rollout/logprob_abs_diff"] < 1e-4
+        assert row["mismatch/logprob_abs_diff"] < 1e-4
     assert sum(r["lpreg/selected"] for r in rows[1:]) > 0
     assert all(r["lpreg/selected"] <= r["lpreg/lowest"] <= r["lpreg/candidates"] for r in rows[1:])
     assert "val/mean" in rows[2] and "val/best" in rows[2]

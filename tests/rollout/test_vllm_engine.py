@@ -270,8 +270,8 @@ def test_grpo_steps_with_vllm_engine(tmp_path, monkeypatch):
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
-        print(f"\nstep {row['step']}: rollout/logprob_abs_diff {row['rollout/logprob_abs_diff']:.2e}, "
+        print(f"\nstep {row['step']}: mismatch/logprob_abs_diff {row['mismatch/logprob_abs_diff']:.2e}, "
               f"time/rollout {row['time/rollout']:.2f}s, time/refit {row['time/refit']:.3f}s")
         # The engine's raw log-probs and the trainer's recomputation agree (same weights after refit).
-        assert row["rollout/logprob_abs_diff"] < 1e-4
+        assert row["mismatch/logprob_abs_diff"] < 1e-4
         assert row["loss/tokens"] > 0 and row["optim/skipped_steps"] == 0
