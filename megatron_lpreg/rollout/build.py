@@ -16,8 +16,9 @@ def rollout_engine_kind(choice: str) -> str:
     return "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
 
 
-def build_rollout_engine(cfg, hf_dir: Path, max_position_embeddings: int, pad_id: int, seed: int):
-    """The engine of ``cfg.rollout.engine`` for the model in ``hf_dir``, in ``cfg.model.dtype``."""
+def build_rollout_engine(cfg, hf_dir: Path, max_position_embeddings: int, pad_id: int | None, seed: int):
+    """The engine of ``cfg.rollout.engine`` for the model in ``hf_dir``, in ``cfg.model.dtype``
+    (``pad_id`` None: the model config's pad or EOS id)."""
     if rollout_engine_kind(cfg.rollout.engine) == "vllm":
         from megatron_lpreg.rollout.vllm_engine import VLLMEngine
 

@@ -275,3 +275,27 @@ def test_grpo_steps_with_vllm_engine(tmp_path, monkeypatch):
         # The engine's raw log-probs and the trainer's recomputation agree (same weights after refit).
         assert row["mismatch/logprob_abs_diff"] < 1e-4
         assert row["loss/tokens"] > 0 and row["optim/skipped_steps"] == 0
+
+
+# -- megatron-lpreg verify-refit with rollout.engine=vllm --------------------------------------------
+
+def _verify_body(ctx, directory):
+    from megatron_lpreg.config import load_config
+    from megatron_lpreg.verify_refit import check
+
+    cfg = load_config(None, [f"model.path={directory}", f"parallel.tp={ctx.tp_size}", "rollout.engine=vllm",
+                             "model.dtype=float32"])
+    return check(cfg, max_tokens=16)
+
+
+def test_verify_refit_with_vllm_engine_at_tp2(tmp_path):
+    _vllm()
+    from megatron_lpreg.verify_refit import DEFAULT_THRESHOLD
+
+    metrics = run_distributed(_verify_body, 2, 2, args=(_policy_dir(tmp_path / "policy"),), timeout_s=400,
+                              collective_timeout_s=300)[0]
+    print(f"\nverify-refit vllm tp=2 float32: logprob_abs_diff {metrics['mismatch/logprob_abs_diff']:.2e}, "
+          f"token_mult_prob_error {metrics['mismatch/token_mult_prob_error']:.8f}, "
+          f"seq_max_abs_diff {metrics['mismatch/seq_max_abs_diff']:.2e} over {metrics['tokens']} tokens")
+    assert metrics["engine"] == "vllm" and metrics["tp"] == 2 and metrics["sequences"] == 8
+    assert metrics["mismatch/seq_max_abs_diff"] < min(TOL, DEFAULT_THRESHOLD)
