@@ -120,6 +120,11 @@ def _presets() -> list[str]:
     return rows
 
 
+# Every section of the run configuration, found from Config itself so a new section cannot be left out.
+_SECTIONS = {cls.__name__: cls for cls in typing.get_type_hints(config_module.Config).values()
+             if dataclasses.is_dataclass(cls)}
+
+
 def reference() -> str:
     """The whole of docs/configuration.md."""
     top = config_module.Config
