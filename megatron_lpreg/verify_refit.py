@@ -112,10 +112,14 @@ def _prompt_ids(cfg, vocab_size: int, seed: int) -> list[list[int]]:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+        prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
     except (OSError, ValueError, TypeError):
+        prompts = []
+    # Some transformers versions hand back a vocabulary-less tokenizer for a directory without one.
+    if not prompts or not all(p and max(p) < vocab_size for p in prompts):
         g = torch.Generator().manual_seed(seed)
-        return [torch.randint(0, vocab_size, (5 + 3 * i,), generator=g).tolist() for i in range(len(PROMPTS))]
-    return [tokenizer(text)["input_ids"] for text in PROMPTS]
+        prompts = [torch.randint(0, vocab_size, (5 + 3 * i,), generator=g).tolist() for i in range(len(PROMPTS))]
+    return prompts
 
 
 def megatron_logprobs(model, sequences: list[list[int]], vocab_size: int, tp_group, device) -> list[torch.Tensor]:

@@ -288,11 +288,11 @@ def _verify_body(ctx, directory):
     return check(cfg, max_tokens=16)
 
 
-def test_verify_refit_with_vllm_engine_at_tp2(tmp_path):
-    _vllm()
+def test_verify_refit_with_vllm_engine_at_tp2(model_dirs):
     from megatron_lpreg.verify_refit import DEFAULT_THRESHOLD
 
-    metrics = run_distributed(_verify_body, 2, 2, args=(_policy_dir(tmp_path / "policy"),), timeout_s=400,
+    # Qwen2 with 2 KV heads (the GRPO policy above has 1: TP=1 only); no tokenizer: seeded prompts.
+    metrics = run_distributed(_verify_body, 2, 2, args=(model_dirs["qwen2"],), timeout_s=400,
                               collective_timeout_s=300)[0]
     print(f"\nverify-refit vllm tp=2 float32: logprob_abs_diff {metrics['mismatch/logprob_abs_diff']:.2e}, "
           f"token_mult_prob_error {metrics['mismatch/token_mult_prob_error']:.8f}, "
