@@ -103,9 +103,13 @@ class GRPOConfig:
 
 @dataclass
 class MismatchConfig:
-    # Rollout/training mismatch corrections (grpo/mismatch.py); the mismatch metrics are always logged.
-    tis_cap: float | None = None  # truncated importance sampling: pg term x min(exp(l_old - l_engine), cap); null = off
-    mask_seq_abs_diff: float | None = None  # sequences whose mean |l_old - l_engine| exceeds this get no loss; null = off
+    """Rollout/training mismatch corrections (grpo/mismatch.py); its metrics are always logged."""
+
+    # Truncated importance sampling: each token's policy-gradient term is multiplied by
+    # min(exp(l_old - l_engine), tis_cap); null = off.
+    tis_cap: float | None = None
+    # Sequences whose mean |l_old - l_engine| exceeds this get loss mask 0; null = off.
+    mask_seq_abs_diff: float | None = None
 
 
 @dataclass
