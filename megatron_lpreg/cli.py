@@ -5,6 +5,7 @@
     megatron-lpreg evaluate --ckpt DIR --data FILE ...      avg@k per data_source of a checkpoint
     megatron-lpreg plan --model qwen3-14b --nodes 8 --tp 8  per-GPU memory, before a launch
     megatron-lpreg plot RUN_DIR [RUN_DIR ...]              paper-style figures, runs overlaid
+    megatron-lpreg verify-refit --config FILE | --model DIR engine log-probs = Megatron's after a refit?
 
 ``train`` starts its own ranks (``parallel.nproc``, default one TP group) when not under torchrun;
 under ``torchrun ... -m megatron_lpreg.cli train ...`` the launcher's ranks are used as they are.
@@ -197,12 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default=None, metavar="DIR", help="default: <run_dir>_compare")
     compare.add_argument("overrides", nargs="*", metavar="key=value", help="applied to both runs")
     compare.set_defaults(func=_compare)
-    from megatron_lpreg import evaluate, plan, plot
+    from megatron_lpreg import evaluate, plan, plot, verify_refit
 
     for name, module, help_text in (
         ("evaluate", evaluate, "avg@k of a checkpoint on prompt files"),
         ("plan", plan, "per-GPU memory estimate for a run"),
         ("plot", plot, "figures of one or more runs"),
+        ("verify-refit", verify_refit, "check the refit: engine vs Megatron log-probs on fixed sequences"),
     ):
         p = sub.add_parser(name, help=help_text, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

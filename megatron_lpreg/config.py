@@ -25,7 +25,7 @@ from megatron_lpreg.loss.config import PRESETS, LpRegConfig
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "check_inputs", "DataConfig", "GRPOConfig", "LoggingConfig",
-    "ModelConfig", "OptimConfig", "ParallelConfig", "RewardConfig", "RolloutConfig",
+    "MismatchConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RewardConfig", "RolloutConfig",
     "ValidationConfig", "config_to_dict", "load_config", "save_config",
 ]
 
@@ -111,6 +111,17 @@ class GRPOConfig:
 
 
 @dataclass
+class MismatchConfig:
+    """Rollout/training mismatch corrections (grpo/mismatch.py); its metrics are always logged."""
+
+    # Truncated importance sampling: each token's policy-gradient term is multiplied by
+    # min(exp(l_old - l_engine), tis_cap); null = off.
+    tis_cap: float | None = None
+    # Sequences whose mean |l_old - l_engine| exceeds this get loss mask 0; null = off.
+    mask_seq_abs_diff: float | None = None
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-6  # constant
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW
@@ -160,6 +171,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    mismatch: MismatchConfig = field(default_factory=MismatchConfig)
     loss: LpRegConfig = field(default_factory=LpRegConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -397,6 +409,10 @@ def _check(cfg: Config, sources: dict[str, _Source]) -> None:
                           f"rollout.max_tokens={cfg.rollout.max_tokens}")
     if not 0.0 < cfg.rollout.top_p <= 1.0 or cfg.rollout.temperature < 0:
         raise ConfigError(f"{where('rollout.top_p')}: need 0 < top_p <= 1 and temperature >= 0")
+    for key in ("mismatch.tis_cap", "mismatch.mask_seq_abs_diff"):
+        value = getattr(cfg.mismatch, key.split(".")[1])
+        if value is not None and not value > 0:
+            raise ConfigError(f"{where(key)}: must be positive (or null: off), got {value!r}")
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
         raise ConfigError(f"{where('checkpoint.resume')}: auto, never, or a checkpoint path")
 

@@ -14,6 +14,7 @@ import inspect
 import io
 import math
 import tokenize
+import typing
 
 from megatron_lpreg import config as config_module
 from megatron_lpreg.loss import config as loss_config_module
@@ -119,10 +120,9 @@ def _presets() -> list[str]:
     return rows
 
 
-_SECTIONS = {cls.__name__: cls for cls in (
-    config_module.ModelConfig, config_module.ParallelConfig, config_module.DataConfig, config_module.RolloutConfig,
-    config_module.RewardConfig, config_module.GRPOConfig, config_module.OptimConfig, LpRegConfig,
-    config_module.ValidationConfig, config_module.CheckpointConfig, config_module.LoggingConfig)}
+# Every section of the run configuration, found from Config itself so a new section cannot be left out.
+_SECTIONS = {cls.__name__: cls for cls in typing.get_type_hints(config_module.Config).values()
+             if dataclasses.is_dataclass(cls)}
 
 
 def reference() -> str:
@@ -130,9 +130,10 @@ def reference() -> str:
     top = config_module.Config
     lines = [_INTRO, "## Top level", ""]
     lines += _table(top, "", config_module._CHOICES)
+    hints = typing.get_type_hints(top)
     for f in dataclasses.fields(top):
-        section = _SECTIONS.get(str(f.type).split(".")[-1])
-        if section is None:
+        section = hints[f.name]
+        if not dataclasses.is_dataclass(section):  # run_dir: in the top-level table
             continue
         lines += ["", f"## `{f.name}`", ""]
         if section is LpRegConfig:

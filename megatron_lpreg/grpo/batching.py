@@ -38,7 +38,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PER_TOKEN_FIELDS = ("old_logprobs", "proxy_logprobs", "ref_logprobs")
+PER_TOKEN_FIELDS = ("old_logprobs", "proxy_logprobs", "ref_logprobs", "engine_logprobs")
 
 
 @dataclass
@@ -54,10 +54,12 @@ class RolloutBatch:
             the behaviour policy, in response order (index j <-> token ``input_ids[i][P_i + j]``).
         proxy_logprobs: optional, same layout as ``old_logprobs`` (Lp-Reg proxy policy).
         ref_logprobs: optional, same layout (the frozen reference policy of ``loss.ref_kl_coef``).
+        engine_logprobs: optional, same layout: the rollout engine's own log-probs of the sampled
+            tokens (rollout/training mismatch, truncated importance sampling).
         rewards: optional [N] rewards (bookkeeping only).
         trainable: optional [N] bool; a False sequence keeps its place in the batch (its group's
             advantages are already computed) but none of its tokens enter the loss
-            (``reward.mask_truncated``, DAPO's overlong filtering).
+            (``reward.mask_truncated``, DAPO's overlong filtering; ``mismatch.mask_seq_abs_diff``).
     """
 
     input_ids: list
@@ -66,6 +68,7 @@ class RolloutBatch:
     advantages: torch.Tensor
     old_logprobs: Optional[list] = None
     proxy_logprobs: Optional[list] = None
+    engine_logprobs: Optional[list] = None
     rewards: Optional[torch.Tensor] = None
     ref_logprobs: Optional[list] = None
     trainable: Optional[torch.Tensor] = None
@@ -111,6 +114,10 @@ class RolloutBatch:
     def loss_tokens(self, i: int) -> int:
         """Response tokens of sequence ``i`` that enter the loss."""
         return int(self.response_lens[i]) if self.trainable is None or bool(self.trainable[i]) else 0
+
+    def trained(self, i: int) -> bool:
+        """Whether sequence ``i`` takes part in the loss (``trainable``)."""
+        return self.trainable is None or bool(self.trainable[i])
 
     @property
     def lengths(self) -> list:
@@ -214,7 +221,7 @@ def collate(batch: RolloutBatch, indices: Sequence[int], pad_id: int, pad_to_mul
         tokens[row, :length] = ids
         targets[row, : length - 1] = ids[1:]
         # Positions p-1 .. p+r-2 predict the response tokens p .. p+r-1.
-        loss_mask[row, p - 1 : p - 1 + r] = batch.trainable is None or bool(batch.trainable[i])
+        loss_mask[row, p - 1 : p - 1 + r] = batch.trained(i)
         for name, out in per_token.items():
             out[row, p - 1 : p - 1 + r] = getattr(batch, name)[i].to(torch.float32)
     result = {

@@ -17,7 +17,7 @@ SUMMED = frozenset({
     "lpreg/selected", "lpreg/candidates", "lpreg/lowest", "loss/tokens", "loss/nonfinite_tokens",
     "kl_cov/selected", "high_entropy/kept",
 })
-MAXED = frozenset({"pg/ratio_max", "response/length_max"})
+MAXED = frozenset({"pg/ratio_max", "response/length_max", "mismatch/seq_max_abs_diff"})
 MINNED = frozenset({"pg/ratio_min"})
 
 

@@ -21,6 +21,7 @@ from megatron_lpreg import faults
 from megatron_lpreg.grpo.batching import RolloutBatch, collate, token_budget_microbatches
 from megatron_lpreg.grpo.metrics import MetricSums
 from megatron_lpreg.grpo.packing import pack_rows, token_budget_packs
+from megatron_lpreg.grpo.mismatch import tis_weights
 from megatron_lpreg.loss import (
     LpRegConfig, lp_reg_policy_loss, selection_thresholds, vocab_parallel_forward_kl_to_proxy,
     vocab_parallel_reverse_kl_to_proxy, vocab_parallel_token_stats,
@@ -139,9 +140,13 @@ def _minibatches(n: int, num: int) -> list[list[int]]:
 
 
 def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimizer, *,
-                      num_minibatches: int, epochs: int) -> tuple[MetricSums, list]:
+                      num_minibatches: int, epochs: int, tis_cap: float | None = None) -> tuple[MetricSums, list]:
     """``epochs`` passes of ``num_minibatches`` optimiser steps over ``batch`` (this DP rank's
-    share); returns the loss metrics and each optimiser step's result."""
+    share); returns the loss metrics and each optimiser step's result. ``tis_cap``: truncated
+    importance sampling against the engine's log-probs (``batch.engine_logprobs``), None = off.
+    Sequences ``batch.trainable`` drops count nowhere (tokens, percentiles)."""
+    if tis_cap is not None and batch.engine_logprobs is None:
+        raise ValueError("tis_cap needs the engine's log-probs (RolloutBatch.engine_logprobs)")
     pc.model.train()
     metrics = MetricSums()
     steps = []
@@ -176,10 +181,16 @@ def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCon
                 )
                 # proxy_source=current: pi_proxy from pi_theta's logits as they are now (no grad).
                 proxy = _unpack(packed, stats.proxy_logprobs) if current_proxy else data["proxy_logprobs"]
+                pg_weight = None
+                if tis_cap is not None:
+                    pg_weight, tis = tis_weights(data["old_logprobs"], data["engine_logprobs"],
+                                                 data["loss_mask"], tis_cap)
+                    metrics.add(tis, weight=float(data["loss_mask"].sum()))
                 loss, m = lp_reg_policy_loss(
                     _unpack(packed, stats.logprobs), data["old_logprobs"], proxy, data["advantages"],
                     data["loss_mask"], loss_cfg, exact_kl, entropy=_unpack(packed, stats.entropy),
                     thresholds=thresholds, global_tokens=global_tokens, ref_logprobs=data.get("ref_logprobs"),
+                    pg_weight=pg_weight,
                 )
                 if loss_cfg.loss_agg == "global_token_mean":
                     weight = float(pc.dp_size)  # the optimiser averages over DP; the sum is wanted

@@ -27,6 +27,7 @@ from megatron_lpreg.grpo.advantages import group_advantages, group_stats
 from megatron_lpreg.grpo.batching import RolloutBatch
 from megatron_lpreg.grpo.dynamic_sampling import sample_groups
 from megatron_lpreg.grpo.metrics import MetricSums
+from megatron_lpreg.grpo.mismatch import mismatch_metrics, trainable_sequences
 from megatron_lpreg.grpo.optimizer import PolicyOptimizer
 from megatron_lpreg.grpo.policy import PolicyContext, score_rollouts, train_on_rollouts
 from megatron_lpreg.grpo.reward_shaping import overlong_penalty, shape_rewards, truncated_mask
@@ -38,6 +39,7 @@ from megatron_lpreg.grpo.state import (
 from megatron_lpreg.grpo.validation import validate
 from megatron_lpreg.memory import MB, PhasePeaks, parameter_bytes
 from megatron_lpreg.parallel import init_distributed
+from megatron_lpreg.rollout.build import EngineRefit, build_rollout_engine, rollout_engine_kind  # noqa: F401
 from megatron_lpreg.rollout.engine import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -62,15 +64,6 @@ def stop_token_ids(tokenizer, hf_dir: Path) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def rollout_engine_kind(choice: str) -> str:
-    """``rollout.engine`` resolved: auto is vllm on CUDA when vLLM is installed, else hf."""
-    if choice != "auto":
-        return choice
-    from megatron_lpreg.rollout.vllm_engine import vllm_available
-
-    return "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
-
-
 def sampling_seed(seed: int, step: int, dp_rank: int, round_: int = 0) -> int:
     """Seed of one replica's rollout; ``round_`` counts dynamic sampling's extra rounds in a step."""
     return (seed * 1_000_003 + step * 7919 + dp_rank + round_ * 15_485_863) % (2**31 - 1)
@@ -78,12 +71,11 @@ def sampling_seed(seed: int, step: int, dp_rank: int, round_: int = 0) -> int:
 
 class GRPOTrainer:
     def __init__(self, cfg: Config):
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from megatron_lpreg.model import parse_hf_config
         from megatron_lpreg.model.build import build_gpt_model, transformer_engine_available
         from megatron_lpreg.rewards import FunctionReward, RewardPool
-        from megatron_lpreg.rollout.hf_engine import HFEngine
         from megatron_lpreg.weights import load_hf_weights
 
         self.cfg = cfg
@@ -145,31 +137,12 @@ class GRPOTrainer:
 
         self.engine = self.pool = None
         if self.engine_rank:
-            if rollout_engine_kind(cfg.rollout.engine) == "vllm":
-                from megatron_lpreg.rollout.vllm_engine import VLLMEngine
-
-                # Without weights (load_format=dummy), like the HF engine: the refit below fills them.
-                # vLLM refuses a max_model_len beyond the model's context, which caps the responses.
-                max_tokens = max(cfg.rollout.max_tokens, cfg.validation.max_tokens or 0)
-                self.engine = VLLMEngine(
-                    hf_dir, dtype=cfg.model.dtype, seed=g.seed, load_format="dummy",
-                    max_model_len=min(d.max_prompt_len + max_tokens, self.spec.max_position_embeddings),
-                    gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
-            else:
-                self.engine = HFEngine.from_config(AutoConfig.from_pretrained(hf_dir), dtype=dtype,
-                                                   pad_token_id=pad_id, max_batch_size=cfg.rollout.max_batch_size)
+            self.engine = build_rollout_engine(cfg, hf_dir, self.spec.max_position_embeddings, pad_id, g.seed)
             r = cfg.reward
             self.pool = FunctionReward(r.function) if r.function else \
                 RewardPool(r.num_workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb)
 
-        self.shared_weights = None
-        if cfg.rollout.refit_shared_memory and ctx.device.type == "cpu" and \
-                rollout_engine_kind(cfg.rollout.engine) == "hf":
-            from megatron_lpreg.weights.shared_refit import SharedWeights
-
-            # Collective over the TP group; None on every rank (bucketed stream) where one cannot map it.
-            self.shared_weights = SharedWeights.attach(self.engine.model if self.engine else None,
-                                                       group=ctx.tp_group, dst_rank=0)
+        self.refitter = EngineRefit(cfg, self.engine, ctx.tp_group, ctx.device)
         self.step = 0
         self.best: dict | None = None
         self.memory = PhasePeaks(ctx.device)
@@ -215,24 +188,8 @@ class GRPOTrainer:
     # ---------------------------------------------------------------------------- one step
     def refit(self) -> float:
         """Stream the Megatron weights into the rollout engine (collective over the TP group)."""
-        from megatron_lpreg.weights.refit import RefitStats, stream_hf_weights
-
         start = time.perf_counter()
-        self.refit_stats = stats = RefitStats()
-        if self.shared_weights is not None:
-            faults.point("refit")
-            self.shared_weights.refit(self.model, self.spec, te=self.te,
-                                      engine_model=self.engine.model if self.engine else None, stats=stats)
-            if self.engine is not None:
-                self.engine.mark_loaded()
-            return time.perf_counter() - start
-        # The real group even at TP=1: refit reads its size from the group, None means the world.
-        buckets = stream_hf_weights(self.model, self.spec, tp_group=self.ctx.tp_group, te=self.te,
-                                    bucket_bytes=self.cfg.rollout.refit_bucket_mb << 20, dst_tp_rank=0, stats=stats)
-        for bucket in buckets:
-            faults.point("refit")
-            if self.engine is not None:
-                self.engine.update_weights(bucket)
+        self.refit_stats = self.refitter(self.model, self.spec, te=self.te)
         return time.perf_counter() - start
 
     def _local_prompts(self, indices: list[int]):
@@ -263,8 +220,10 @@ class GRPOTrainer:
             prompt_lens.append(len(prompt))
         rewards = torch.tensor(graded.rewards, dtype=torch.float32)
         adv = group_advantages(rewards, n, eps=self.cfg.grpo.adv_eps, normalize_std=self.cfg.grpo.normalize_adv_std)
+        engine_logprobs = [torch.tensor(comp.logprobs, dtype=torch.float32) for comp in graded.completions]
         trainable = truncated_mask(graded) if self.cfg.reward.mask_truncated else None
-        return RolloutBatch(input_ids, prompt_lens, graded.response_lens, adv, rewards=rewards, trainable=trainable)
+        return RolloutBatch(input_ids, prompt_lens, graded.response_lens, adv, rewards=rewards, trainable=trainable,
+                            engine_logprobs=engine_logprobs)
 
     def _draw(self, step: int, round_: int = 0):
         """The sampler's next prompts, rolled out and graded (rewards shaped): (graded, truncated prompts)."""
@@ -301,12 +260,20 @@ class GRPOTrainer:
         batch.old_logprobs, batch.proxy_logprobs = scores["old_logprobs"], scores["proxy_logprobs"]
         batch.ref_logprobs = scores.get("ref_logprobs")
         times = {"time/logprob": time.perf_counter() - t}
+        masked = None
+        if c.mismatch.mask_seq_abs_diff is not None:
+            keep = trainable_sequences(batch.engine_logprobs, batch.old_logprobs, c.mismatch.mask_seq_abs_diff)
+            masked = float((~keep).sum())
+            batch.trainable = keep if batch.trainable is None else batch.trainable & keep
         t = time.perf_counter()
         g = c.grpo
         with self.memory.phase("train"):
             loss_sums, results = train_on_rollouts(
                 self.policy, batch, loss_cfg, self.optimizer,
-                num_minibatches=g.prompts_per_step // g.mini_batch_prompts, epochs=g.epochs)
+                num_minibatches=g.prompts_per_step // g.mini_batch_prompts, epochs=g.epochs,
+                tis_cap=c.mismatch.tis_cap)
+        if masked is not None:
+            loss_sums.add({"mismatch/masked_seqs": masked / max(len(batch), 1)}, weight=len(batch))
         times["time/train"] = time.perf_counter() - t
         return scores, loss_sums, results, times
 
@@ -365,15 +332,13 @@ class GRPOTrainer:
             })
         tokens = sum(int(v.numel()) for v in scores["entropy"])
         if tokens:
-            entropy = sum(float(v.sum()) for v in scores["entropy"]) / tokens
-            # The engine's own log-probs against the trainer's recomputation: the rollout/train gap.
-            diffs = [abs(torch.tensor(comp.logprobs[:len(old)]) - old).sum() for comp, old
-                     in zip(graded.completions, scores["old_logprobs"]) if len(old)]
-            sums.add({"entropy/mean": entropy,
-                      "rollout/logprob_abs_diff": float(sum(diffs)) / tokens}, weight=tokens)
+            sums.add({"entropy/mean": sum(float(v.sum()) for v in scores["entropy"]) / tokens}, weight=tokens)
             if scores["kept_mass"][0] is not None:  # Lp-Reg: M of the proxy under pi_old
                 sums.add({"lpreg/kept_mass_mean": sum(float(v.sum()) for v in scores["kept_mass"]) / tokens},
                          weight=tokens)
+        # The engine's own log-probs against the trainer's recomputation: the rollout/train gap.
+        mismatch, tokens = mismatch_metrics(batch.engine_logprobs, scores["old_logprobs"])
+        sums.add(mismatch, weight=tokens)
         return sums
 
     # ---------------------------------------------------------------------------- validation, checkpoints

@@ -100,6 +100,7 @@ def lp_reg_policy_loss(
     thresholds: SelectionThresholds | None = None,
     global_tokens: int | None = None,
     ref_logprobs: torch.Tensor | None = None,
+    pg_weight: torch.Tensor | None = None,
 ):
     """LP_REG.md sections 2-4 for one micro-batch -> (loss, metrics).
 
@@ -111,6 +112,8 @@ def lp_reg_policy_loss(
     high_entropy_fraction < 1. thresholds: from ``selection_thresholds`` for the batch scopes.
     ref_logprobs: log pi_ref(o_t) of the frozen reference policy [B, S], needed for ref_kl_coef > 0:
     ``ref_kl_coef * KL_t`` is added to every token's loss and aggregated with it.
+    pg_weight: optional [B, S] per-token weight of the policy-gradient term (truncated importance
+    sampling, ``grpo/mismatch.py``), treated as a constant; the Lp-Reg term D_t is not weighted.
     The loss is aggregated by ``config.loss_agg`` (token mean by default).
     """
     mask = mask.bool()
@@ -123,6 +126,11 @@ def lp_reg_policy_loss(
     ratio = torch.exp(log_ratio)
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
+    clipped = pg_clipped > pg_unclipped
+    if pg_weight is not None:
+        # w >= 0 commutes with the max, so weighting both branches weights the clipped surrogate.
+        w = pg_weight.detach().to(logprobs.dtype)
+        pg_unclipped, pg_clipped = w * pg_unclipped, w * pg_clipped
     token_loss = torch.maximum(pg_unclipped, pg_clipped)
     metrics: dict[str, float] = {}
 

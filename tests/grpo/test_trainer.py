@@ -57,7 +57,7 @@ def test_three_steps(tmp_path, assets, tp, overrides):
         assert row["loss/tokens"] == pytest.approx(16 * row["response/length_mean"]) and row["loss/tokens"] <= 192
         assert 0 < row["reward/mean"] < 1
         # The engine's raw log-probs and the trainer's recomputation agree (same weights after refit).
-        assert row["rollout/logprob_abs_diff"] < 1e-4
+        assert row["mismatch/logprob_abs_diff"] < 1e-4
         assert row["refit/mb"] > 0
         assert 0 < row["lpreg/kept_mass_mean"] <= 1 and row["memory/rise_refit_mb"] >= 0
     assert sum(r["lpreg/selected"] for r in rows[1:]) > 0

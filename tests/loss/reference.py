@@ -68,8 +68,17 @@ def reverse_kl(logits, proxy_logits, kappa, threshold):
     return torch.where(keep, log_q.exp() * (log_q - log_r), torch.zeros_like(r)).sum(-1)
 
 
-def policy_loss(lp, old, proxy, adv, mask, cfg, exact_kl=None, entropy_t=None, thresholds=None):
-    """Sections 2-4 token by token. Returns (token-mean loss, selected positions)."""
+def tis_weights(old, engine, cap):
+    """min(exp(l_old - l_engine), cap) element by element (truncated importance sampling)."""
+    out = torch.empty_like(old, dtype=torch.float64)
+    for i in range(old.numel()):
+        out.view(-1)[i] = min(math.exp(old.reshape(-1)[i].item() - engine.reshape(-1)[i].item()), cap)
+    return out
+
+
+def policy_loss(lp, old, proxy, adv, mask, cfg, exact_kl=None, entropy_t=None, thresholds=None, pg_weight=None):
+    """Sections 2-4 token by token. Returns (token-mean loss, selected positions).
+    pg_weight: per-token constant multiplying the policy-gradient term only (not D_t)."""
     B, S = lp.shape
     adv = adv.unsqueeze(-1).expand(B, S) if adv.dim() == 1 else adv
     valid = [(b, s) for b in range(B) for s in range(S) if mask[b, s]]
@@ -100,7 +109,7 @@ def policy_loss(lp, old, proxy, adv, mask, cfg, exact_kl=None, entropy_t=None, t
     losses = []
     for t in valid:
         r = torch.exp(lp[t] - old[t])
-        a = adv[t]
+        a = adv[t] * (1.0 if pg_weight is None else pg_weight[t].item())
         if t in selected:
             if cfg.kl == "k3":
                 d = proxy[t] - lp[t]

@@ -422,3 +422,54 @@ def test_batch_scope_thresholds_agree_across_dp_ranks():
     for neg, pos, sizes in per_rank:
         assert (neg, pos, sizes) == (local.neg, local.pos, local.pool_sizes)
     assert local.neg is not None and local.pos is not None
+
+
+# --------------------------------------------------------------------------- truncated importance sampling
+
+
+@pytest.mark.parametrize("overrides", [dict(rho=0.2), dict(rho=0.2, beta=0.5, kl="forward"),
+                                       dict(enabled=False, eps_low=0.2, eps_high=0.2)],
+                         ids=["k3", "forward", "grpo"])
+def test_tis_weighted_loss_and_gradient_match_reference(overrides):
+    from megatron_lpreg.grpo.mismatch import tis_weights
+
+    cfg = LpRegConfig(**overrides)
+    lp, old, proxy, adv, mask, _, kl = random_batch(3)
+    g = torch.Generator().manual_seed(9)
+    engine = old + 0.7 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    cap = 1.5
+    w, m = tis_weights(old, engine, mask, cap)
+    expected_w = ref.tis_weights(old, engine, cap)
+    torch.testing.assert_close(w[mask], expected_w[mask], atol=1e-12, rtol=1e-12)
+    assert torch.all(w[~mask] == 1.0)
+    ratio = torch.exp(old - engine)[mask]
+    assert m["mismatch/tis_capped"] == pytest.approx(float((ratio > cap).double().mean()))
+    assert 0.1 < m["mismatch/tis_capped"] < 0.9  # the test exercises both sides of the cap
+    assert m["mismatch/tis_weight_mean"] == pytest.approx(float(expected_w[mask].mean()))
+    a, b = lp.clone().requires_grad_(True), lp.clone().requires_grad_(True)
+    ka, kb = kl.clone(), kl.clone()
+    ours, metrics = lp_reg_policy_loss(a, old, proxy, adv, mask, cfg, exact_kl=ka, pg_weight=w)
+    expected, selected = ref.policy_loss(b, old, proxy, adv, mask, cfg, exact_kl=kb, pg_weight=expected_w)
+    torch.testing.assert_close(ours, expected, atol=1e-12, rtol=1e-12)
+    ours.backward()
+    expected.backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12)
+    if cfg.enabled:
+        assert metrics["lpreg/selected"] == len(selected) > 0  # the unweighted D_t is in play
+    unweighted, _ = ref.policy_loss(lp.clone(), old, proxy, adv, mask, cfg, exact_kl=kl.clone())
+    assert abs(float(unweighted) - float(expected)) > 1e-3  # the weights changed the loss
+
+
+def test_without_tis_the_loss_is_unchanged_bit_for_bit():
+    """pg_weight=None takes no extra operation; weights of exactly 1 give the same bits too."""
+    lp, old, proxy, adv, mask, _, _ = random_batch(4)
+    for dtype in (torch.float64, torch.float32):
+        results = []
+        for weight in (None, torch.ones_like(lp, dtype=dtype)):
+            x = lp.to(dtype).clone().requires_grad_(True)
+            loss, m = lp_reg_policy_loss(x, old.to(dtype), proxy.to(dtype), adv.to(dtype), mask,
+                                         LpRegConfig(rho=0.2), pg_weight=weight)
+            loss.backward()
+            results.append((loss.detach(), x.grad, m))
+        (l0, g0, m0), (l1, g1, m1) = results
+        assert torch.equal(l0, l1) and torch.equal(g0, g1) and m0 == m1

