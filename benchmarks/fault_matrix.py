@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from megatron_lpreg import checkpointing as ckpt  # noqa: E402
 from megatron_lpreg.faults import FAULT_ENV  # noqa: E402
 from megatron_lpreg.grpo.state import OPTIM_DIR, RNG_DIR, STATE_FILE, complete_checkpoints  # noqa: E402
-from megatron_lpreg.logging import read_metrics  # noqa: E402
+from megatron_lpreg.logging import read_metrics, run_metrics  # noqa: E402
 
 STEPS, CHECKPOINT_EVERY, RANKS = 4, 2, 2
 RUN_TIMEOUT_S = 300
@@ -158,7 +158,7 @@ def falsely_complete(run_dir: Path) -> list[str]:
 
 
 def comparable_metrics(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if not k.startswith("time")} for row in read_metrics(run_dir / "metrics.jsonl")]
+    return [run_metrics(row) for row in read_metrics(run_dir / "metrics.jsonl")]
 
 
 def tensors_equal(a, b) -> bool:

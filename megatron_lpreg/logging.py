@@ -150,6 +150,14 @@ def _parse_line(line: str) -> dict:
     return _decode(record)
 
 
+MACHINE_METRICS = ("time/", "memory/")  # measurements of the machine, not of the run
+
+
+def run_metrics(row: dict) -> dict:
+    """``row`` without the machine's measurements: what a resumed run must reproduce exactly."""
+    return {k: v for k, v in row.items() if not k.startswith(MACHINE_METRICS)}
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Read a ``metrics.jsonl`` back: one dict per line, non-finite floats restored.
 

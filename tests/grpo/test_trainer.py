@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_lpreg.grpo.state import complete_checkpoints
-from megatron_lpreg.logging import read_metrics
+from megatron_lpreg.logging import read_metrics, run_metrics
 from tests.distributed import run_distributed
 from tests.grpo.tiny_run import make_data, make_policy_dir, tiny_config
 
@@ -89,9 +89,5 @@ def test_resume_continues_identically(tmp_path, assets):
     split = read_metrics(tmp_path / "split" / "metrics.jsonl")
     assert [r["step"] for r in split] == [0, 1, 2, 3]
 
-    def comparable(row):
-        # Times and memory are measurements of the machine, not of the run.
-        return {k: v for k, v in row.items() if not k.startswith(("time", "memory/"))}
-
     for a, b in zip(whole, split):
-        assert comparable(a) == comparable(b)
+        assert run_metrics(a) == run_metrics(b)
