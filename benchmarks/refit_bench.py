@@ -35,8 +35,6 @@ everything allocated before the refit are in the baseline, so the figure is what
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
 import statistics
 import sys
@@ -45,6 +43,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from megatron_lpreg.memory import (  # noqa: E402
+    release_freed_memory, reset_resident_peak, resident_bytes, resident_peak_bytes, resident_peak_measurable,
+)
 
 MB = 1024**2
 MMAP_THRESHOLD = 256 * 1024  # bytes: glibc mmaps (and unmaps on free) every allocation this large
@@ -61,33 +63,6 @@ def hf_config(args) -> dict:
     }
 
 
-# ------------------------------------------------------------------------------ /proc helpers
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _hwm_resettable() -> bool:
-    try:
-        _reset_hwm()
-    except OSError:
-        return False
-    return _status_kb("VmHWM") <= _status_kb("VmRSS") + 4 * MB
-
-
-def _trim() -> None:
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 # ------------------------------------------------------------------------------ rank body
 def _refit(ctx, model, spec, engine, bucket_bytes, per_bucket_memory=False):
     """One refit as the trainer runs it; returns timings, bytes and (optionally) per-bucket peaks."""
@@ -99,7 +74,7 @@ def _refit(ctx, model, spec, engine, bucket_bytes, per_bucket_memory=False):
     stats = RefitStats()
     steps = []  # (HF bytes of the bucket, peak extra bytes during it, Megatron parameters in it)
     dist.barrier(group=ctx.tp_group)
-    base = _status_kb("VmRSS")
+    base = resident_bytes()
     t_gen = t_upd = 0.0
     start = time.perf_counter()
     gen = stream_hf_weights(model, spec, tp_group=ctx.tp_group, bucket_bytes=bucket_bytes, dst_tp_rank=0,
@@ -107,7 +82,7 @@ def _refit(ctx, model, spec, engine, bucket_bytes, per_bucket_memory=False):
     while True:
         before = stats.bytes
         if per_bucket_memory:
-            _reset_hwm()
+            reset_resident_peak()
         t0 = time.perf_counter()
         try:
             bucket = next(gen)  # like the trainer's ``for bucket in ...``: the previous bucket is held
@@ -121,7 +96,7 @@ def _refit(ctx, model, spec, engine, bucket_bytes, per_bucket_memory=False):
         t_upd += t2 - t1
         if per_bucket_memory:
             params = {param_for_hf(spec, name).megatron for name, _ in bucket}
-            steps.append((stats.bytes - before, _status_kb("VmHWM") - base, len(params)))
+            steps.append((stats.bytes - before, resident_peak_bytes() - base, len(params)))
     total = time.perf_counter() - start
     del bucket
     return dict(seconds=total, gen=t_gen, update=t_upd, bytes=stats.bytes, buckets=stats.buckets,
@@ -133,13 +108,13 @@ def _refit_shared(ctx, model, spec, engine, shared, per_rank_memory=False):
     import torch.distributed as dist
 
     dist.barrier(group=ctx.tp_group)
-    base = _status_kb("VmRSS")
+    base = resident_bytes()
     if per_rank_memory:
-        _reset_hwm()
+        reset_resident_peak()
     start = time.perf_counter()
     shared.refit(model, spec, engine_model=engine.model if engine is not None else None)
     seconds = time.perf_counter() - start
-    return dict(seconds=seconds, peak_extra=_status_kb("VmHWM") - base if per_rank_memory else None)
+    return dict(seconds=seconds, peak_extra=resident_peak_bytes() - base if per_rank_memory else None)
 
 
 def _memcpy(nbytes: int, src=None):
@@ -261,18 +236,18 @@ def _timing_body(ctx, args):
 def _memory_body(ctx, args):
     """Runs in ranks started with MALLOC_MMAP_THRESHOLD_ set (see the module docstring)."""
     spec, model, engine, _ = _setup(ctx, args)
-    if not _hwm_resettable():
+    if not resident_peak_measurable():
         return None
     _refit(ctx, model, spec, engine, args.bucket_mb[0] * MB)  # warm-up
     res = {}
     for mb in args.bucket_mb:
-        _trim()
+        release_freed_memory()
         res[mb] = _refit(ctx, model, spec, engine, mb * MB, per_bucket_memory=True)
     from megatron_lpreg.weights.shared_refit import SharedWeights
 
     shared = SharedWeights.attach(engine.model if engine is not None else None, group=ctx.tp_group)
     if shared is not None:
-        _trim()
+        release_freed_memory()
         _refit_shared(ctx, model, spec, engine, shared)
         res["shared"] = _refit_shared(ctx, model, spec, engine, shared, per_rank_memory=True)
     return res if ctx.tp_rank == 0 else None

@@ -11,19 +11,9 @@ import torch
 from megatron_lpreg.grpo.state import complete_checkpoints
 from megatron_lpreg.logging import read_metrics, run_metrics
 from tests.distributed import run_distributed
-from tests.grpo.tiny_run import make_data, make_policy_dir, tiny_config
+from tests.grpo.tiny_run import tiny_config
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo")
-    return str(make_policy_dir(root / "policy")), make_data(root / "data")
-
-
-@pytest.fixture(autouse=True)
-def offline_wandb(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
 
 
 def _train(ctx, run_dir, policy, data, overrides):

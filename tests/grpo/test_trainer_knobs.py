@@ -6,25 +6,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytest
 import torch
 
 from megatron_lpreg.grpo.reward_shaping import overlong_penalty
 from megatron_lpreg.logging import read_metrics
 from tests.distributed import run_distributed
-from tests.grpo.tiny_run import make_data, make_policy_dir, tiny_config
+from tests.grpo.tiny_run import tiny_config
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("knobs")
-    return str(make_policy_dir(root / "policy")), make_data(root / "data")
-
-
-@pytest.fixture(autouse=True)
-def offline_wandb(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
 
 
 REF_KL = ("loss.ref_kl_coef=0.5", "loss.ref_kl_type=k3", "grpo.steps=2", "checkpoint.every=1",

@@ -20,7 +20,7 @@ from megatron_lpreg.faults import Fault, parse_faults
 from megatron_lpreg.grpo.state import complete_checkpoints
 from megatron_lpreg.logging import read_metrics
 from tests.distributed import run_distributed
-from tests.grpo.tiny_run import make_data, make_policy_dir, tiny_config
+from tests.grpo.tiny_run import tiny_config
 
 
 def test_fault_spec_parses_and_matches():
@@ -84,11 +84,6 @@ def test_hung_rank_fails_the_run_within_the_collective_timeout(tmp_path):
 
 
 # ------------------------------------------------------------------------- in-process (2 gloo ranks)
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nan")
-    return str(make_policy_dir(root / "policy")), make_data(root / "data")
 
 
 def _weights(trainer):

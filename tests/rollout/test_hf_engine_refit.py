@@ -27,24 +27,32 @@ def _megatron_logprobs(ctx, model, spec, sequences):
     return [logp[i, :len(s) - 1] for i, s in enumerate(sequences)]
 
 
-def _body(ctx, dirs: dict):
+def _tp_model_and_engine(ctx, directory):
+    """This rank's Megatron shards of the HF model in ``directory``, and a weightless HF engine on TP rank 0."""
     from transformers import AutoConfig
 
     from megatron_lpreg.model import build_gpt_model, parse_hf_config
-    from megatron_lpreg.rollout import EngineStateError, HFEngine, SamplingParams
+    from megatron_lpreg.rollout import HFEngine
     from megatron_lpreg.weights import hf_to_megatron_shard
     from megatron_lpreg.weights.hf_files import HFCheckpoint
+
+    spec = parse_hf_config(directory)
+    model = build_gpt_model(spec).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, shard in hf_to_megatron_shard(spec, HFCheckpoint(directory), ctx.tp_rank, ctx.tp_size):
+            params[name].copy_(shard)
+    engine = HFEngine.from_config(AutoConfig.from_pretrained(directory)) if ctx.tp_rank == 0 else None
+    return spec, model, engine
+
+
+def _body(ctx, dirs: dict):
+    from megatron_lpreg.rollout import EngineStateError, SamplingParams
     from megatron_lpreg.weights.refit import RefitStats, stream_hf_weights
 
     results = {}
     for family, directory in dirs.items():
-        spec = parse_hf_config(directory)
-        model = build_gpt_model(spec).eval()
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, shard in hf_to_megatron_shard(spec, HFCheckpoint(directory), ctx.tp_rank, ctx.tp_size):
-                params[name].copy_(shard)
-        engine = HFEngine.from_config(AutoConfig.from_pretrained(directory)) if ctx.tp_rank == 0 else None
+        spec, model, engine = _tp_model_and_engine(ctx, directory)
         if engine is not None:
             with pytest.raises(EngineStateError, match="refit first"):
                 engine.score(SEQUENCES)

@@ -9,8 +9,7 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.model.tiny_models import FAMILIES, save_tiny_model, tiny_hf_model
-
-SEQUENCES = [[3, 17, 42, 5, 99, 100, 7], [1, 2], [64, 8, 8, 8, 30]]
+from tests.rollout.test_hf_engine_refit import SEQUENCES, _megatron_logprobs, _tp_model_and_engine
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -45,39 +44,14 @@ def test_place_shard_rejects_a_wrong_shape():
         place_shard(spec, param, torch.zeros(3, 3), full, 1, 2)
 
 
-def _megatron_logprobs(ctx, model, spec):
-    from megatron_lpreg.loss import vocab_parallel_logprobs
-    from megatron_lpreg.model import model_logits
-
-    width = max(len(s) for s in SEQUENCES)
-    ids = torch.zeros((len(SEQUENCES), width), dtype=torch.long)
-    for i, s in enumerate(SEQUENCES):
-        ids[i, :len(s)] = torch.tensor(s)
-    with torch.no_grad():
-        logp = vocab_parallel_logprobs(model_logits(model, ids)[:, :-1], ids[:, 1:], group=ctx.tp_group,
-                                       vocab_size=spec.vocab_size)
-    return [logp[i, :len(s) - 1] for i, s in enumerate(SEQUENCES)]
-
-
 def _body(ctx, dirs: dict):
-    from transformers import AutoConfig
-
-    from megatron_lpreg.model import build_gpt_model, parse_hf_config
-    from megatron_lpreg.rollout import HFEngine
-    from megatron_lpreg.weights import hf_to_megatron_shard
     from megatron_lpreg.weights.hf_files import HFCheckpoint
     from megatron_lpreg.weights.refit import RefitStats, stream_hf_weights
     from megatron_lpreg.weights.shared_refit import SharedWeights, SharedWeightsError
 
     out = {}
     for family, directory in dirs.items():
-        spec = parse_hf_config(directory)
-        model = build_gpt_model(spec).eval()
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, shard in hf_to_megatron_shard(spec, HFCheckpoint(directory), ctx.tp_rank, ctx.tp_size):
-                params[name].copy_(shard)
-        engine = HFEngine.from_config(AutoConfig.from_pretrained(directory)) if ctx.tp_rank == 0 else None
+        spec, model, engine = _tp_model_and_engine(ctx, directory)
         shared = SharedWeights.attach(engine.model if engine else None, group=ctx.tp_group)
         assert shared is not None
         torch.distributed.barrier()
@@ -88,7 +62,7 @@ def _body(ctx, dirs: dict):
             engine.mark_loaded()
             checkpoint = HFCheckpoint(directory)
             res["exact"] = all(torch.equal(p, checkpoint[n]) for n, p in engine.model.named_parameters())
-        res["scores0"] = (_megatron_logprobs(ctx, model, spec), engine.score(SEQUENCES) if engine else None)
+        res["scores0"] = (_megatron_logprobs(ctx, model, spec, SEQUENCES), engine.score(SEQUENCES) if engine else None)
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():  # a "training step": replicated parameters stay equal across ranks
             for p in model.parameters():
@@ -100,7 +74,7 @@ def _body(ctx, dirs: dict):
         if engine is not None:
             res["equal_to_stream"] = all(torch.equal(p, streamed[n]) for n, p in engine.model.named_parameters())
             res["tied"] = engine.model.lm_head.weight.data_ptr() == engine.model.model.embed_tokens.weight.data_ptr()
-        res["scores1"] = (_megatron_logprobs(ctx, model, spec), engine.score(SEQUENCES) if engine else None)
+        res["scores1"] = (_megatron_logprobs(ctx, model, spec, SEQUENCES), engine.score(SEQUENCES) if engine else None)
         res["bytes"] = stats.bytes
         if engine is not None:
             engine.sleep(level=2)
