@@ -113,7 +113,7 @@ class RolloutBatch:
 
     def loss_tokens(self, i: int) -> int:
         """Response tokens of sequence ``i`` that enter the loss."""
-        return int(self.response_lens[i]) if self.trainable is None or bool(self.trainable[i]) else 0
+        return int(self.response_lens[i]) if self.trained(i) else 0
 
     def trained(self, i: int) -> bool:
         """Whether sequence ``i`` takes part in the loss (``trainable``)."""

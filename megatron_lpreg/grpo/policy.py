@@ -159,7 +159,7 @@ def train_on_rollouts(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCon
             if loss_cfg.percentile_scope != "microbatch" and loss_cfg.enabled:
                 # The batch scopes rank log-probs over the whole mini-batch on all DP ranks; they are
                 # taken before the update (pi_old), which is the current policy on-policy.
-                masks = [torch.full((batch.response_lens[i],), batch.loss_tokens(i) > 0) for i in mini]
+                masks = [torch.full((batch.response_lens[i],), batch.trained(i)) for i in mini]
                 thresholds = selection_thresholds(
                     [batch.old_logprobs[i].unsqueeze(0) for i in mini],
                     [batch.advantages[i:i + 1] for i in mini],

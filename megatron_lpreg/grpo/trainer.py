@@ -300,7 +300,7 @@ class GRPOTrainer:
         })
         metrics.update(graded.metrics)  # already global (dynamic sampling counts over all replicas)
         metrics.update(times)
-        metrics["refit/mb"] = self.refit_stats.bytes / 2**20
+        metrics["refit/mb"] = self.refit_stats.bytes / MB
         # Peaks are the max over all ranks; every TP rank holds equal shards, so one rank's size is all's.
         metrics.update(self.memory.metrics(), **{"memory/model_mb": parameter_bytes(self.model) / MB})
         metrics["time/step"] = time.perf_counter() - t0

@@ -38,6 +38,13 @@ class RefitStats:
     names: list[str] = field(default_factory=list)
 
 
+def group_rank_and_size(group) -> tuple[int, int]:
+    """This process's rank in ``group`` and its size; (0, 1) without torch.distributed."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
 def _buckets(params: list[tuple[str, torch.Tensor]], tp_size: int, bucket_bytes: int):
     """Consecutive parameters whose full size (shard bytes x TP) fits ``bucket_bytes``; a larger
     parameter is a bucket of its own."""
@@ -73,8 +80,7 @@ def stream_hf_weights(
     The yielded tensors are fresh or views of this rank's own shards, never of the reused receive
     buffer; the list is emptied when the next bucket is requested: consume it before then.
     """
-    tp_size = dist.get_world_size(tp_group) if dist.is_initialized() else 1
-    rank = dist.get_rank(tp_group) if dist.is_initialized() else 0
+    rank, tp_size = group_rank_and_size(tp_group)
     receives = dst_tp_rank is None or rank == dst_tp_rank
     params = [(n, p) for n, p in model.named_parameters() if is_weight(n)]
     start = time.perf_counter()

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lpreg.model.hf_config import ModelSpec
-from megatron_lpreg.weights.refit import RefitStats
+from megatron_lpreg.weights.refit import RefitStats, group_rank_and_size
 from megatron_lpreg.weights.table import find_param, is_weight, place_shard
 from megatron_lpreg.weights.tp_rules import Split
 
@@ -61,12 +61,6 @@ def _views(arena: torch.Tensor, layout: dict[str, _Entry]) -> dict[str, torch.Te
     return out
 
 
-def _group_info(group) -> tuple[int, int]:
-    if not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 class SharedWeights:
     """One TP group's map of the engine's weights: HF name -> a view into the shared mapping."""
 
@@ -84,7 +78,7 @@ class SharedWeights:
         """Collective over ``group``: move the engine's parameters (``engine_model``, given on TP
         rank ``dst_rank`` only) into shared memory that every rank of the group maps. None on every
         rank when some rank cannot map it."""
-        rank, size = _group_info(group)
+        rank, size = group_rank_and_size(group)
         arena = path = None
         msg: list = [None]
         if rank == dst_rank:
@@ -138,7 +132,7 @@ class SharedWeights:
               stats: RefitStats | None = None) -> None:
         """Collective over the group: write this rank's Megatron shards into the engine's weights.
         The barriers keep every write inside the window where the engine is idle."""
-        rank, size = _group_info(self.group)
+        rank, size = group_rank_and_size(self.group)
         if engine_model is not None:
             self.check_engine(engine_model)
         start = time.perf_counter()
