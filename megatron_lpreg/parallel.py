@@ -34,8 +34,46 @@ class ParallelContext:
     dp_rank: int
     device: torch.device
     backend: str
-    tp_group: object
-    dp_group: object
+    tp_group: object  # megatron's groups, also at size 1; collectives of this package take
+    dp_group: object  # ``tp``/``dp`` below (None at size 1)
+
+    @property
+    def tp(self):
+        """The tensor-parallel group, None at TP=1."""
+        return group_or_none(self.tp_group)
+
+    @property
+    def dp(self):
+        """The data-parallel group, None at DP=1."""
+        return group_or_none(self.dp_group)
+
+
+def group_or_none(group):
+    """``group`` if it spans more than one rank, else None. Throughout the package None means "no
+    group": the caller is alone, and no collective is issued (never "the whole world")."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return None
+    return group
+
+
+def group_size(group) -> int:
+    """Ranks in ``group``; 1 for None."""
+    return 1 if group_or_none(group) is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    """This process's rank in ``group``; 0 for None."""
+    return 0 if group_or_none(group) is None else dist.get_rank(group)
+
+
+def broadcast_object(value, group, src_group_rank: int = 0):
+    """``value`` of the group's ``src_group_rank``, on every rank of ``group`` (pickled: small objects
+    only; tensors go through ``broadcast_tensors``)."""
+    if group_or_none(group) is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src_group_rank), group=group)
+    return box[0]
 
 
 def factor_world(world_size: int, tp_size: int) -> int:

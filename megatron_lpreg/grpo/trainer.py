@@ -40,28 +40,13 @@ from megatron_lpreg.grpo.validation import validate
 from megatron_lpreg.memory import MB, PhasePeaks, parameter_bytes
 from megatron_lpreg.parallel import init_distributed
 from megatron_lpreg.rollout.build import EngineRefit, build_rollout_engine, rollout_engine_kind  # noqa: F401
-from megatron_lpreg.rollout.engine import SamplingParams
+from megatron_lpreg.rollout.engine import SamplingParams, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
 
 def _group(group, size: int):
     return group if size > 1 else None
-
-
-def stop_token_ids(tokenizer, hf_dir: Path) -> tuple[int, ...]:
-    """EOS ids of the tokenizer and of generation_config.json (chat models end turns with their own)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    try:
-        from transformers import GenerationConfig
-
-        eos = GenerationConfig.from_pretrained(hf_dir).eos_token_id
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-    except (OSError, ValueError):
-        pass
-    return tuple(sorted(ids))
 
 
 def sampling_seed(seed: int, step: int, dp_rank: int, round_: int = 0) -> int:

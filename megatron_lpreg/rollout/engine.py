@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -56,3 +57,21 @@ class RolloutEngine(Protocol):
         """Release memory between rollouts; level 2 also drops the weights (refit before use)."""
 
     def wake(self) -> None: ...
+
+    def close(self) -> None:
+        """Stop what the engine started (processes, memory); the engine is unusable after it."""
+
+
+def stop_token_ids(tokenizer, hf_dir: Path) -> tuple[int, ...]:
+    """EOS ids of the tokenizer and of generation_config.json (chat models end turns with their own)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(hf_dir).eos_token_id
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    except (OSError, ValueError):
+        pass
+    return tuple(sorted(ids))

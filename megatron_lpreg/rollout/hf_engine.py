@@ -85,6 +85,10 @@ class HFEngine:
     def wake(self) -> None:
         pass
 
+    def close(self) -> None:
+        """Drop the model; nothing else was started."""
+        self.model = None
+
     def _check_ready(self) -> None:
         if self._missing:
             raise EngineStateError(

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron_lpreg.model.hf_config import ModelSpec
+from megatron_lpreg.parallel import group_or_none, group_rank, group_size
 from megatron_lpreg.weights.table import find_param, is_weight, to_hf
 
 DEFAULT_BUCKET_BYTES = 512 * 1024**2
@@ -35,14 +36,6 @@ class RefitStats:
     tensors: int = 0
     seconds: float = 0.0
     largest_bucket_bytes: int = 0
-    names: list[str] = field(default_factory=list)
-
-
-def group_rank_and_size(group) -> tuple[int, int]:
-    """This process's rank in ``group`` and its size; (0, 1) without torch.distributed."""
-    if not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _buckets(params: list[tuple[str, torch.Tensor]], tp_size: int, bucket_bytes: int):
@@ -80,7 +73,8 @@ def stream_hf_weights(
     The yielded tensors are fresh or views of this rank's own shards, never of the reused receive
     buffer; the list is emptied when the next bucket is requested: consume it before then.
     """
-    rank, tp_size = group_rank_and_size(tp_group)
+    tp_group = group_or_none(tp_group)
+    rank, tp_size = group_rank(tp_group), group_size(tp_group)
     receives = dst_tp_rank is None or rank == dst_tp_rank
     params = [(n, p) for n, p in model.named_parameters() if is_weight(n)]
     start = time.perf_counter()
@@ -109,13 +103,13 @@ def stream_hf_weights(
                         gathered.append(local)
                         continue
                     slot = workspace[len(ops) * n:(len(ops) + 1) * n]
-                    src = dist.get_global_rank(tp_group, r) if tp_group is not None else r
+                    src = dist.get_global_rank(tp_group, r)
                     ops.append(dist.P2POp(dist.irecv, slot, src, group=tp_group))
                     gathered.append(slot)
                 for work in dist.batch_isend_irecv(ops):
                     work.wait()
             else:
-                dst = dist.get_global_rank(tp_group, dst_tp_rank) if tp_group is not None else dst_tp_rank
+                dst = dist.get_global_rank(tp_group, dst_tp_rank)
                 for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, local, dst, group=tp_group)]):
                     work.wait()
         del local
@@ -138,7 +132,6 @@ def stream_hf_weights(
             stats.bytes += nbytes
             stats.tensors += len(out)
             stats.largest_bucket_bytes = max(stats.largest_bucket_bytes, nbytes)
-            stats.names.extend(name for name, _ in out)
         yield out
         # Drop this bucket before building the next: the consumer's loop variable still points at
         # the list, so emptying it frees the tensors.

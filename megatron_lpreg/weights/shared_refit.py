@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_lpreg.model.hf_config import ModelSpec
-from megatron_lpreg.weights.refit import RefitStats, group_rank_and_size
+from megatron_lpreg.parallel import group_or_none, group_rank, group_size
+from megatron_lpreg.weights.refit import RefitStats
 from megatron_lpreg.weights.table import find_param, is_weight, place_shard
 from megatron_lpreg.weights.tp_rules import Split
 
@@ -78,7 +79,8 @@ class SharedWeights:
         """Collective over ``group``: move the engine's parameters (``engine_model``, given on TP
         rank ``dst_rank`` only) into shared memory that every rank of the group maps. None on every
         rank when some rank cannot map it."""
-        rank, size = group_rank_and_size(group)
+        group = group_or_none(group)
+        rank, size = group_rank(group), group_size(group)
         arena = path = None
         msg: list = [None]
         if rank == dst_rank:
@@ -132,7 +134,7 @@ class SharedWeights:
               stats: RefitStats | None = None) -> None:
         """Collective over the group: write this rank's Megatron shards into the engine's weights.
         The barriers keep every write inside the window where the engine is idle."""
-        rank, size = group_rank_and_size(self.group)
+        rank, size = group_rank(self.group), group_size(self.group)
         if engine_model is not None:
             self.check_engine(engine_model)
         start = time.perf_counter()
