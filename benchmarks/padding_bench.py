@@ -5,8 +5,8 @@ packed rows, on the same GRPO-like batch, side by side.
 
 Response lengths are drawn as GRPO responses come: log-normal around ``--median`` tokens (many
 short, a long tail), cut at ``--max-response`` (the cut ones are the truncated responses), after
-prompts of 60-180 tokens. The variants run the trainer's own passes (``score_rollouts``,
-``train_on_rollouts`` with one optimiser step that only clears the gradient) over a random
+prompts of 60-180 tokens. The variants run the trainer's own passes (``recompute_logprobs``,
+``train`` with one optimiser step that only clears the gradient) over a random
 megatron GPTModel at TP=1:
   fixed:  micro-batches of ``budget // (max prompt + max response)`` sequences in rollout order,
           each padded to its longest (a micro-batch size that can never exceed the budget)
@@ -49,8 +49,8 @@ def _fixed(count: int):
 
 def layouts(lengths: list[int], budget: int, fixed_count: int) -> dict[str, list[list[list[int]]]]:
     """Each variant's micro-batches as lists of rows (lists of sequence indices)."""
-    from megatron_lpreg.grpo.batching import token_budget_microbatches
-    from megatron_lpreg.grpo.packing import token_budget_packs
+    from megatron_lpreg.policy.batching import token_budget_microbatches
+    from megatron_lpreg.policy.packing import token_budget_packs
 
     return {
         "fixed": [[[i] for i in mb] for mb in _fixed(fixed_count)(lengths, budget)],
@@ -91,9 +91,9 @@ def main(argv=None) -> None:
     ap.add_argument("--layout-only", action="store_true", help="the token counts only, no model passes")
     args = ap.parse_args(argv)
 
-    import megatron_lpreg.grpo.policy as policy
+    import megatron_lpreg.policy.passes as policy
     from megatron_lpreg.grpo.advantages import group_advantages
-    from megatron_lpreg.grpo.batching import RolloutBatch
+    from megatron_lpreg.policy.batching import RolloutBatch
     from megatron_lpreg.loss import LpRegConfig
     from megatron_lpreg.model import build_gpt_model, parse_hf_config
     from megatron_lpreg.parallel import init_distributed
@@ -110,9 +110,9 @@ def main(argv=None) -> None:
 
     prompts, responses = grpo_lengths(args.sequences, args.median, args.max_response, args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)
-    ids = [torch.randint(0, args.vocab, (p + r,), generator=g) for p, r in zip(prompts, responses)]
+    ids = [torch.randint(0, args.vocab, (p + r,), generator=g).tolist() for p, r in zip(prompts, responses)]
     rewards = torch.randint(0, 2, (args.sequences,), generator=g).float()
-    batch = RolloutBatch(ids, prompts, responses, group_advantages(rewards, 8 if args.sequences % 8 == 0 else 1))
+    batch = RolloutBatch.from_sequences(ids, prompts, group_advantages(rewards, 8 if args.sequences % 8 == 0 else 1))
     lengths = batch.lengths
     fixed_count = max(1, args.budget // (180 + args.max_response))
     cfg = LpRegConfig()
@@ -134,11 +134,11 @@ def main(argv=None) -> None:
             policy.token_budget_microbatches = _fixed(fixed_count) if name == "fixed" else real_microbatches
             try:
                 t = time.perf_counter()
-                scores = policy.score_rollouts(pc, batch, cfg)
+                scores = policy.recompute_logprobs(pc, batch, cfg)
                 times[name][0].append(time.perf_counter() - t)
-                batch.old_logprobs, batch.proxy_logprobs = scores["old_logprobs"], scores["proxy_logprobs"]
+                batch.set(old_logprobs=scores.old_logprobs, proxy_logprobs=scores.proxy_logprobs)
                 t = time.perf_counter()
-                policy.train_on_rollouts(pc, batch, cfg, _ClearGrads(model), num_minibatches=1, epochs=1)
+                policy.train(pc, batch, cfg, _ClearGrads(model), num_minibatches=1, epochs=1)
                 times[name][1].append(time.perf_counter() - t)
             finally:
                 policy.token_budget_microbatches = real_microbatches

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PHASES = ("time/rollout", "time/reward", "time/logprob", "time/train", "time/refit", "time/step")
@@ -37,10 +39,33 @@ def _restore(trainer, snap):
     trainer.optimizer.load_state_dict(copy.deepcopy(snap[1]))
 
 
+def _batch(trainer, step: int):
+    """The step's rollout as the trainer batches it (advantages, overlong filtering)."""
+    from megatron_lpreg.grpo.advantages import group_advantages
+    from megatron_lpreg.grpo.reward_shaping import truncated_mask
+    from megatron_lpreg.grpo.rollout import to_batch
+
+    c = trainer.cfg
+    rollout, _ = trainer.generate(step)
+    advantages = group_advantages(torch.tensor(rollout.rewards), rollout.n, eps=c.grpo.adv_eps,
+                                  normalize_std=c.grpo.normalize_adv_std)
+    return to_batch(rollout, advantages, truncated_mask(rollout) if c.reward.mask_truncated else None,
+                    trainer.ctx.device)
+
+
 def _timed_learn(trainer, batch, loss_cfg) -> float:
+    """The log-prob pass and the updates under ``loss_cfg``, from a snapshot restored afterwards."""
+    from megatron_lpreg.policy.passes import recompute_logprobs, train
+
+    g = trainer.cfg.grpo
     snap = _snapshot(trainer)
     start = time.perf_counter()
-    trainer.learn(copy.copy(batch), loss_cfg)
+    scores = recompute_logprobs(trainer.policy, batch, loss_cfg)
+    batch = copy.copy(batch)
+    batch.set(old_logprobs=scores.old_logprobs, proxy_logprobs=scores.proxy_logprobs,
+              ref_logprobs=scores.ref_logprobs)
+    train(trainer.policy, batch, loss_cfg, trainer.optimizer, num_minibatches=g.prompts_per_step // g.mini_batch_prompts,
+          epochs=g.epochs, tis_cap=trainer.cfg.mismatch.tis_cap)
     elapsed = time.perf_counter() - start
     _restore(trainer, snap)
     return elapsed
@@ -68,12 +93,12 @@ def main(argv=None) -> None:
             for i in range(args.steps):
                 # The paired measurement draws the next rollout itself, then rewinds the sampler so
                 # the real step below trains on exactly that batch.
-                sampler_state = trainer.sampler.state_dict()
-                _, batch, _ = trainer.collect(trainer.step + 1)
+                sampler_state = trainer.state.sampler.state_dict()
+                batch = _batch(trainer, trainer.step + 1)
                 order = ("lp_reg", "grpo") if i % 2 == 0 else ("grpo", "lp_reg")
                 for name in order:
                     paired[name].append(_timed_learn(trainer, batch, losses[name]))
-                trainer.sampler.load_state_dict(sampler_state)
+                trainer.state.sampler.load_state_dict(sampler_state)
                 steps.append(trainer.train_step())
 
     med = {k: statistics.median(m[k] for m in steps) for k in PHASES}

@@ -1,15 +1,6 @@
-"""GRPO rollout utilities: group-relative advantages, token-budget micro-batching and collation."""
+"""The GRPO algorithm: the loop (``trainer``), rollout and rewards, advantages, dynamic sampling,
+reward shaping, rollout/training mismatch, validation and the step's metrics."""
 
 from megatron_lpreg.grpo.advantages import group_advantages, group_stats
-from megatron_lpreg.grpo.batching import (
-    RolloutBatch,
-    collate,
-    padded_length,
-    split_for_data_parallel,
-    token_budget_microbatches,
-)
 
-__all__ = [
-    "RolloutBatch", "collate", "group_advantages", "group_stats", "padded_length",
-    "split_for_data_parallel", "token_budget_microbatches",
-]
+__all__ = ["group_advantages", "group_stats"]

@@ -10,7 +10,7 @@ Data parallelism: each DP replica generates its share of every round, so kept gr
 unevenly spread. Every rank learns the per-round kept counts of all replicas (one small all-gather
 per round), orders the kept groups globally by (round, replica, position), takes the first ones,
 and the chosen groups are exchanged once so that every replica trains on an equal, contiguous
-slice. TP ranks of a replica hold identical rollouts (``share_in_group``) and gather over their own
+slice. TP ranks of a replica hold identical rollouts (``parallel.broadcast_object``) and gather over their own
 DP group, so they reach identical batches without talking to each other.
 
 At the cap verl stops the run with an error; here the step trains on the groups it has, trimmed
@@ -27,6 +27,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from megatron_lpreg.grpo.rollout import GradedRollout
+from megatron_lpreg.parallel import group_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def concat(parts: list[GradedRollout], n: int) -> GradedRollout:
 
 
 def _all_gather(value, group):
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+    if group_or_none(group) is None:
         return [value]
     parts = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, value, group=group)

@@ -3,6 +3,7 @@
 The rollout engine and the reward pool live on TP rank 0 of each data-parallel replica (a
 transformers engine on CPU holds the full model once, not once per TP rank); the other TP ranks
 only need the token ids, rewards and engine log-probs to run their shard of the training passes.
+The engine's log-probs travel as one tensor per completion (``Completion``), never as Python lists.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch.distributed as dist
+import torch
 
+from megatron_lpreg.policy.batching import RolloutBatch
 from megatron_lpreg.rollout.engine import Completion, SamplingParams
 
 
@@ -47,10 +49,10 @@ def generate_and_grade(engine, pool, tokenizer, prompt_ids: list[list[int]], gro
                          generate_s=generated - start, reward_s=time.perf_counter() - generated)
 
 
-def share_in_group(value, group, src_group_rank: int = 0):
-    """Broadcast a picklable ``value`` from the group's ``src_group_rank`` to its other ranks."""
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src_group_rank), group=group)
-    return box[0]
+def to_batch(graded: GradedRollout, advantages: torch.Tensor, trainable, device) -> RolloutBatch:
+    """The graded rollout as the trainer's flat device batch (one host-to-device copy per field)."""
+    n = graded.n
+    sequences = [graded.prompt_ids[i // n] + c.token_ids for i, c in enumerate(graded.completions)]
+    return RolloutBatch.from_sequences(
+        sequences, [len(graded.prompt_ids[i // n]) for i in range(len(sequences))], advantages, device=device,
+        engine_logprobs=[c.logprobs for c in graded.completions], trainable=trainable)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg.parallel import group_or_none
+
 
 class TrainingDiverged(RuntimeError):
     """Too many optimiser steps in a row had a non-finite gradient norm."""
@@ -32,13 +34,13 @@ class SkipCounter:
 
 
 def weights_finite(model, group=None) -> bool:
-    """Every parameter of every rank finite (collective over ``group`` when initialised)."""
+    """Every parameter finite on every rank of ``group`` (collective; None: this rank only)."""
     bad = torch.tensor([0.0])
     with torch.no_grad():
         for p in model.parameters():
             if not torch.isfinite(p).all():
                 bad.fill_(1.0)
                 break
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
+    if group_or_none(group) is not None:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
     return not bool(bad.item())

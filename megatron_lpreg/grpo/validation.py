@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 
-from megatron_lpreg.grpo.metrics import MetricSums
+from megatron_lpreg.policy.metric_sums import MetricSums
 from megatron_lpreg.grpo.rollout import generate_and_grade
 from megatron_lpreg.rollout.engine import SamplingParams
 

@@ -44,7 +44,7 @@ class EngineRefit:
 
     def __init__(self, cfg, engine, tp_group, device: torch.device):
         self.engine = engine  # on the TP group's rank 0 only
-        self.tp_group = tp_group  # the real group even at TP=1: None would mean the whole world
+        self.tp_group = tp_group  # None at TP=1
         self.bucket_bytes = cfg.rollout.refit_bucket_mb << 20
         self.shared = None
         if cfg.rollout.refit_shared_memory and device.type == "cpu" and rollout_engine_kind(cfg.rollout.engine) == "hf":

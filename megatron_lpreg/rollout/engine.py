@@ -39,7 +39,7 @@ class SamplingParams:
 @dataclass
 class Completion:
     token_ids: list[int]
-    logprobs: list[float]  # per generated token, under the engine's raw distribution
+    logprobs: torch.Tensor  # [len(token_ids)] float32, per generated token, under the raw distribution
     finish_reason: str  # "stop" (a stop token was generated; it is included) or "length"
 
 

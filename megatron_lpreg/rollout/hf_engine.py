@@ -143,7 +143,7 @@ class HFEngine:
             end = next((t + 1 for t, tok in enumerate(tokens) if tok in stop), None)
             reason = "stop" if end is not None else "length"
             end = end if end is not None else min(len(tokens), sampling.max_tokens)
-            result.append(Completion(tokens[:end], token_logp[i, :end].tolist(), reason))
+            result.append(Completion(tokens[:end], token_logp[i, :end].float().clone(), reason))
         return result
 
 

@@ -243,5 +243,6 @@ class VLLMEngine:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 tokens = list(c.token_ids)
                 logprobs = [pos[tok].logprob for pos, tok in zip(c.logprobs, tokens)]
-                completions.append(Completion(tokens, logprobs, "stop" if c.finish_reason == "stop" else "length"))
+                completions.append(Completion(tokens, torch.tensor(logprobs, dtype=torch.float32),
+                                              "stop" if c.finish_reason == "stop" else "length"))
         return [completions[i * s.n:(i + 1) * s.n] for i in range(len(prompt_token_ids))]

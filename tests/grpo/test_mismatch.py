@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from megatron_lpreg.grpo import RolloutBatch, collate
-from megatron_lpreg.grpo.metrics import MetricSums
+from megatron_lpreg.policy.batching import RolloutBatch, microbatch
+from megatron_lpreg.policy.metric_sums import MetricSums
 from megatron_lpreg.grpo.mismatch import mismatch_metrics, sequence_abs_diffs, trainable_sequences
 from tests.distributed import run_distributed
 
@@ -75,26 +75,26 @@ def test_masked_sequences_have_no_loss_mask():
     train = [_t([-1.0, -1.1]), _t([-1.0, -1.0, -1.9]), _t([-2.0])]  # means 0.05, 0.3, 0
     keep = trainable_sequences(engine, train, max_abs_diff=0.1)
     assert keep.tolist() == [True, False, True]
-    ids = [torch.tensor([5, 6, 7, 8]), torch.tensor([5, 9, 10, 11]), torch.tensor([5, 12])]
-    batch = RolloutBatch(ids, [2, 1, 1], [2, 3, 1], torch.tensor([1.0, -1.0, 0.5]), old_logprobs=train,
-                         engine_logprobs=engine, trainable=keep)
-    data = collate(batch, [0, 1, 2], pad_id=0)
-    assert data["loss_mask"].tolist() == [[False, True, True, False], [False, False, False, False],
-                                          [True, False, False, False]]
-    # The engine log-probs are collated like the old ones: response token j at position P - 1 + j.
-    assert data["engine_logprobs"][0, 1:3].tolist() == [-1.0, -1.0]
-    assert data["engine_logprobs"][1, 0:3].tolist() == [-1.0, -1.0, -1.0]
-    assert data["old_logprobs"][1, 2].item() == pytest.approx(-1.9)
+    ids = [[5, 6, 7, 8], [5, 9, 10, 11], [5, 12]]
+    batch = RolloutBatch.from_sequences(ids, [2, 1, 1], [1.0, -1.0, 0.5], old_logprobs=train,
+                                        engine_logprobs=engine, trainable=keep)
+    mb = microbatch(batch, [0, 1, 2], pad_id=0)
+    assert mb.loss_mask.tolist() == [[False, True, True, False], [False, False, False, False],
+                                     [True, False, False, False]]
+    # The engine log-probs are laid out like the old ones: response token j at position P - 1 + j.
+    assert mb.field("engine_logprobs")[0, 1:3].tolist() == [-1.0, -1.0]
+    assert mb.field("engine_logprobs")[1, 0:3].tolist() == [-1.0, -1.0, -1.0]
+    assert mb.field("old_logprobs")[1, 2].item() == pytest.approx(-1.9)
     with pytest.raises(ValueError, match="trainable must have shape"):
-        RolloutBatch(ids, [2, 1, 1], [2, 3, 1], torch.zeros(3), trainable=torch.ones(2, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"engine_logprobs\[1\]"):
-        RolloutBatch(ids, [2, 1, 1], [2, 3, 1], torch.zeros(3), engine_logprobs=[_t([0, 0]), _t([0]), _t([0])])
+        RolloutBatch.from_sequences(ids, [2, 1, 1], [0.0] * 3, trainable=[True, True])
+    with pytest.raises(ValueError, match="engine_logprobs"):
+        RolloutBatch.from_sequences(ids, [2, 1, 1], [0.0] * 3, engine_logprobs=[[0, 0], [0], [0]])
 
 
 def _trainer_body(ctx, run_dir, policy, data):
-    from megatron_lpreg.grpo.policy import score_rollouts
     from megatron_lpreg.grpo.trainer import GRPOTrainer
-    from tests.grpo.tiny_run import tiny_config
+    from megatron_lpreg.policy.passes import train
+    from tests.grpo.tiny_run import first_phases, tiny_config
 
     cfg = tiny_config(run_dir, policy, data, 1, "mismatch.tis_cap=1.2", "validation.files=[]",
                       "checkpoint.every=0", "grpo.mini_batch_prompts=4")
@@ -103,17 +103,19 @@ def _trainer_body(ctx, run_dir, policy, data):
         with torch.no_grad():  # an engine that drifted from the trainer: a real mismatch to correct
             for p in trainer.engine.model.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
-        _, batch, _ = trainer.collect(1)
-        old = score_rollouts(trainer.policy, batch, cfg.loss)["old_logprobs"]
-        diffs = sequence_abs_diffs(batch.engine_logprobs, old)
+        _, batch, _ = first_phases(trainer)
+        old, engine = batch.responses(batch.old_logprobs), batch.responses(batch.engine_logprobs)
+        diffs = sequence_abs_diffs(engine, old)
         cfg.mismatch.mask_seq_abs_diff = sorted(diffs)[len(diffs) // 2]  # masks about half
-        _, loss_sums, _, _ = trainer.learn(batch)
+        masked = trainer.mask_mismatched(batch)
+        loss_sums, _ = train(trainer.policy, batch, cfg.loss, trainer.optimizer, num_minibatches=1, epochs=1,
+                             tis_cap=cfg.mismatch.tis_cap)
         metrics = loss_sums.reduce()
         keep = [d <= cfg.mismatch.mask_seq_abs_diff for d in diffs]
         kept = [i for i, k in enumerate(keep) if k]
-        weights = torch.cat([torch.exp(old[i].double() - batch.engine_logprobs[i].double()) for i in kept])
+        weights = torch.cat([torch.exp(old[i].double() - engine[i].double()) for i in kept])
         step_metrics = trainer.train_step()
-        return dict(trainable=batch.trainable.tolist(), keep=keep, metrics=metrics, step=step_metrics,
+        return dict(trainable=batch.trainable.tolist(), keep=keep, metrics=metrics, step=step_metrics, masked=masked,
                     kept_tokens=sum(batch.response_lens[i] for i in kept),
                     tis_mean=float(weights.clamp(max=1.2).mean()), tis_capped=float((weights > 1.2).double().mean()))
 
@@ -128,7 +130,7 @@ def test_trainer_masks_sequences_and_weights_tokens(tmp_path, monkeypatch):
     m = out["metrics"]
     assert out["trainable"] == out["keep"] and 0 < sum(out["keep"]) < len(out["keep"])
     assert m["loss/tokens"] == out["kept_tokens"]  # masked sequences' tokens are not trained on
-    assert m["mismatch/masked_seqs"] == pytest.approx(1 - sum(out["keep"]) / len(out["keep"]))
+    assert out["masked"] == len(out["keep"]) - sum(out["keep"])
     assert m["mismatch/tis_weight_mean"] == pytest.approx(out["tis_mean"], rel=1e-5)
     assert m["mismatch/tis_capped"] == pytest.approx(out["tis_capped"])
     assert 0 < m["mismatch/tis_capped"] < 1

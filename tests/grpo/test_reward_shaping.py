@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_lpreg.grpo.batching import RolloutBatch, collate
+from megatron_lpreg.policy.batching import RolloutBatch, microbatch
 from megatron_lpreg.grpo.reward_shaping import overlong_penalty, shape_rewards, truncated_mask
 from megatron_lpreg.grpo.rollout import GradedRollout
 from megatron_lpreg.rollout.engine import Completion
@@ -43,11 +43,10 @@ def test_shape_rewards_adds_the_penalty_to_each_response():
 
 
 def test_untrainable_sequences_leave_the_loss_mask_but_keep_their_rows():
-    ids = [torch.tensor([5, 6, 7, 8]), torch.tensor([5, 6, 9]), torch.tensor([5, 1, 2, 3])]
-    batch = RolloutBatch(ids, [2, 2, 1], [2, 1, 3], torch.tensor([1.0, -1.0, 0.5]),
-                         trainable=[True, False, True])
-    data = collate(batch, [0, 1, 2], pad_id=0)
-    assert data["loss_mask"].sum(-1).tolist() == [2, 0, 3]
-    assert [batch.loss_tokens(i) for i in range(3)] == [2, 0, 3]
+    ids = [[5, 6, 7, 8], [5, 6, 9], [5, 1, 2, 3]]
+    batch = RolloutBatch.from_sequences(ids, [2, 2, 1], [1.0, -1.0, 0.5], trainable=[True, False, True])
+    mb = microbatch(batch, [0, 1, 2], pad_id=0)
+    assert mb.loss_mask.sum(-1).tolist() == [2, 0, 3]
+    assert [float(batch.loss_tokens([i])) for i in range(3)] == [2, 0, 3]
     with pytest.raises(ValueError, match="trainable must have shape"):
-        RolloutBatch(ids, [2, 2, 1], [2, 1, 3], torch.zeros(3), trainable=[True])
+        RolloutBatch.from_sequences(ids, [2, 2, 1], [0.0] * 3, trainable=[True])

@@ -21,8 +21,8 @@ REF_KL = ("loss.ref_kl_coef=0.5", "loss.ref_kl_type=k3", "grpo.steps=2", "checkp
 
 
 def _ref_kl_run(ctx, root, policy, data):
-    from megatron_lpreg.grpo.policy import score_rollouts
     from megatron_lpreg.grpo.trainer import GRPOTrainer
+    from tests.grpo.tiny_run import first_phases
 
     out = {}
     with GRPOTrainer(tiny_config(Path(root) / "whole", policy, data, ctx.tp_size, *REF_KL)) as trainer:
@@ -30,10 +30,9 @@ def _ref_kl_run(ctx, root, policy, data):
         ref = dict(trainer.ref_model.named_parameters())
         out["ref_is_initial"] = all(torch.equal(ref[n], p) for n, p in initial.items())
         # Before any update the reference and the policy are the same model: KL exactly 0.
-        _, batch, _ = trainer.collect(1)
-        scores = score_rollouts(trainer.policy, batch, trainer.cfg.loss)
-        out["step0_gap"] = max(float((a - b).abs().max()) for a, b in zip(scores["ref_logprobs"], scores["old_logprobs"]))
-        trainer.sampler.load_state_dict({"epoch": 0, "position": 0})  # the run below starts from the start
+        _, _, scores = first_phases(trainer)
+        out["step0_gap"] = float((scores.ref_logprobs - scores.old_logprobs).abs().max())
+        trainer.state.sampler.load_state_dict({"epoch": 0, "position": 0})  # the run below starts from the start
         trainer.fit()
         out["ref_unchanged"] = all(torch.equal(p, initial[n]) and p.grad is None
                                    for n, p in trainer.ref_model.named_parameters())
@@ -76,16 +75,17 @@ DAPO = ("rollout.n=2", "grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=3
 
 
 def _dapo_run(ctx, root, policy, data):
+    from megatron_lpreg.grpo.reward_shaping import truncated_mask
     from megatron_lpreg.grpo.trainer import GRPOTrainer
 
     with GRPOTrainer(tiny_config(root, policy, data, ctx.tp_size, *DAPO)) as trainer:
         trainer.fit()
-        state = trainer.sampler.state_dict()
-        graded, batch, _ = trainer.collect(trainer.step + 1)
+        state = trainer.state.sampler.state_dict()
+        graded, _ = trainer.generate(trainer.step + 1)
         lengths = [len(c.token_ids) for c in graded.completions]
         return {
-            "sampler": state, "n_seqs": len(batch),
-            "trainable": batch.trainable.tolist(), "finished": [c.finish_reason != "length" for c in graded.completions],
+            "sampler": state, "n_seqs": len(graded.completions),
+            "trainable": truncated_mask(graded), "finished": [c.finish_reason != "length" for c in graded.completions],
             "base_rewards": [r - overlong_penalty(n, 12, 4, 0.5) for r, n in zip(graded.rewards, lengths)],
             "lengths": lengths, "metrics": graded.metrics,
         }

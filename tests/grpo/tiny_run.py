@@ -56,3 +56,18 @@ def tiny_config(run_dir, policy_dir, data: dict, tp: int, *overrides: str):
         "optim.lr=1e-3", "loss.rho=0.2", "checkpoint.every=2", "logging.wandb_mode=offline",
         "logging.console=false", *overrides,
     ])
+
+
+def first_phases(trainer, step: int = 1):
+    """What ``train_step`` does up to its updates: (graded rollout, batch with log-probs, scores)."""
+    from megatron_lpreg.grpo.advantages import group_advantages
+    from megatron_lpreg.grpo.rollout import to_batch
+    from megatron_lpreg.policy.passes import recompute_logprobs
+
+    rollout, _ = trainer.generate(step)
+    advantages = group_advantages(torch.tensor(rollout.rewards), rollout.n)
+    batch = to_batch(rollout, advantages, None, trainer.ctx.device)
+    scores = recompute_logprobs(trainer.policy, batch, trainer.cfg.loss)
+    batch.set(old_logprobs=scores.old_logprobs, proxy_logprobs=scores.proxy_logprobs,
+              ref_logprobs=scores.ref_logprobs)
+    return rollout, batch, scores

@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from megatron_lpreg.grpo.batching import RolloutBatch, collate
-from megatron_lpreg.grpo.packing import pack_rows, token_budget_packs
+from megatron_lpreg.policy.batching import RolloutBatch, microbatch
+from megatron_lpreg.policy.packing import pack_rows, token_budget_packs
 from tests.distributed import run_distributed
-from tests.grpo.test_policy import load_policy, random_rollouts
+from tests.policy.test_passes import load_policy, random_rollouts
 from tests.model.tiny_models import save_tiny_model
 
 
@@ -41,18 +41,17 @@ def test_packs_fill_rows_first_fit_decreasing():
 def test_pack_rows_maps_back_to_the_padded_layout():
     g = torch.Generator().manual_seed(0)
     lens = [(3, 4), (2, 1), (4, 6), (1, 2)]
-    batch = RolloutBatch([torch.randint(1, 50, (p + r,), generator=g) for p, r in lens],
-                         [p for p, _ in lens], [r for _, r in lens], torch.zeros(4))
-    order = [2, 0, 1, 3]
-    data = collate(batch, order, pad_id=0)
-    packed = pack_rows(data, [[2], [0, 1], [3]], order, pad_id=0)
+    seqs = [torch.randint(1, 50, (p + r,), generator=g).tolist() for p, r in lens]
+    batch = RolloutBatch.from_sequences(seqs, [p for p, _ in lens], torch.zeros(4))
+    mb = microbatch(batch, [2, 0, 1, 3], pad_id=0)
+    packed = pack_rows(mb, [[2], [0, 1], [3]], pad_id=0)
     assert packed.tokens.shape == (3, 10)
-    assert packed.tokens[1].tolist() == batch.input_ids[0].tolist() + batch.input_ids[1].tolist()
-    assert packed.tokens[2].tolist() == batch.input_ids[3].tolist() + [0] * 7
-    valid = data["tokens"] != 0
+    assert packed.tokens[1].tolist() == seqs[0] + seqs[1]
+    assert packed.tokens[2].tolist() == seqs[3] + [0] * 7
+    valid = mb.tokens != 0
     assert torch.equal(packed.valid, valid)
-    assert torch.equal(packed.unpack(packed.tokens), data["tokens"])
-    assert torch.equal(packed.unpack(packed.targets), data["targets"])
+    assert torch.equal(packed.unpack(packed.tokens), mb.tokens)
+    assert torch.equal(packed.unpack(packed.targets), mb.targets)
     # A token sees exactly the earlier tokens of its own sequence (trailing pads: their own segment).
     for row, seg in ((1, [0] * 7 + [1] * 3), (2, [0] * 3 + [1] * 7)):
         mask = packed.attention_mask[row, 0]
@@ -64,7 +63,7 @@ def test_pack_rows_maps_back_to_the_padded_layout():
 def _exactness(ctx, directory):
     import copy
 
-    from megatron_lpreg.grpo.policy import score_rollouts, train_on_rollouts
+    from megatron_lpreg.policy.passes import recompute_logprobs, train
     from megatron_lpreg.loss import LpRegConfig
 
     class Capture:  # an optimiser that keeps the accumulated gradient and steps nowhere
@@ -81,12 +80,12 @@ def _exactness(ctx, directory):
         pc.pack_sequences = pack
         batch = random_rollouts(spec.vocab_size, n=10, seed=3)
         cfg = LpRegConfig(rho=0.5, min_selected=1, kl="forward")
-        scores = score_rollouts(pc, batch, cfg)
-        batch.old_logprobs, batch.proxy_logprobs = scores["old_logprobs"], scores["proxy_logprobs"]
+        scores = recompute_logprobs(pc, batch, cfg)
+        batch.set(old_logprobs=scores.old_logprobs, proxy_logprobs=scores.proxy_logprobs)
         # One micro-batch for the whole mini-batch, so both layouts aggregate the same tokens.
         pc.micro_batch_tokens = 4096
         opt = Capture(pc.model)
-        metrics, _ = train_on_rollouts(pc, copy.copy(batch), cfg, opt, num_minibatches=1, epochs=1)
+        metrics, _ = train(pc, copy.copy(batch), cfg, opt, num_minibatches=1, epochs=1)
         out[pack] = scores, opt.grads[0], metrics.reduce(None)
     out["shared_rows"] = [max(len(row) for row in mb) for mb in token_budget_packs(batch.lengths, 64)]
     return out
@@ -99,9 +98,9 @@ def test_packed_rows_give_the_padded_numbers(tmp_path, tp):
         (plain, grads_plain, m_plain), (packed, grads_packed, m_packed) = out[False], out[True]
         assert max(out["shared_rows"]) > 1  # the scoring pass really put sequences side by side
         for name in ("old_logprobs", "entropy", "proxy_logprobs", "kept_mass"):
-            for a, b in zip(plain[name], packed[name]):
-                assert torch.equal(torch.isinf(a), torch.isinf(b)), name
-                torch.testing.assert_close(a[a.isfinite()], b[b.isfinite()], rtol=1e-5, atol=1e-5)
+            a, b = getattr(plain, name), getattr(packed, name)
+            assert torch.equal(torch.isinf(a), torch.isinf(b)), name
+            torch.testing.assert_close(a[a.isfinite()], b[b.isfinite()], rtol=1e-5, atol=1e-5)
         assert m_plain["lpreg/selected"] > 0 and m_plain["lpreg/selected"] == m_packed["lpreg/selected"]
         assert m_plain["loss/policy"] == pytest.approx(m_packed["loss/policy"], rel=1e-5, abs=1e-6)
         for n in grads_plain:

@@ -1,4 +1,4 @@
-"""The scoring and training passes of grpo/policy.py on a tiny Qwen2 at TP=2 (2 gloo ranks)."""
+"""The log-prob and training passes of policy/passes.py on a tiny Qwen2 at TP=2 (2 gloo ranks)."""
 
 from __future__ import annotations
 
@@ -12,33 +12,32 @@ from tests.model.tiny_models import save_tiny_model
 
 def random_rollouts(vocab: int, n: int = 8, seed: int = 0):
     """``n`` sequences of varied prompt and response lengths with +-1 advantages."""
-    from megatron_lpreg.grpo.batching import RolloutBatch
+    from megatron_lpreg.policy.batching import RolloutBatch
 
     g = torch.Generator().manual_seed(seed)
     prompt_lens = torch.randint(2, 7, (n,), generator=g).tolist()
     response_lens = torch.randint(1, 20, (n,), generator=g).tolist()
-    ids = [torch.randint(0, vocab, (p + r,), generator=g) for p, r in zip(prompt_lens, response_lens)]
+    ids = [torch.randint(0, vocab, (p + r,), generator=g).tolist() for p, r in zip(prompt_lens, response_lens)]
     adv = torch.tensor([(-1.0) ** i for i in range(n)])
-    return RolloutBatch(ids, prompt_lens, response_lens, adv)
+    return RolloutBatch.from_sequences(ids, prompt_lens, adv)
 
 
 def load_policy(ctx, directory):
-    from megatron_lpreg.grpo.policy import PolicyContext
+    from megatron_lpreg.config import ModelConfig
     from megatron_lpreg.model import parse_hf_config
-    from megatron_lpreg.model.build import build_gpt_model
-    from megatron_lpreg.weights import load_hf_weights
+    from megatron_lpreg.policy import setup
+    from megatron_lpreg.policy.passes import PolicyContext
 
     spec = parse_hf_config(directory)
-    model = build_gpt_model(spec, torch.float32, use_te=False)
-    load_hf_weights(model, spec, directory, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
-    tp_group = ctx.tp_group if ctx.tp_size > 1 else None
-    pc = PolicyContext(model=model, vocab_size=spec.vocab_size, pad_id=0, device=ctx.device, tp_group=tp_group,
+    model = setup.load_policy(ModelConfig(path=str(directory), dtype="float32", use_te=False), spec,
+                              tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
+    pc = PolicyContext(model=model, vocab_size=spec.vocab_size, pad_id=0, device=ctx.device, tp_group=ctx.tp,
                        dp_group=None, dp_size=1, micro_batch_tokens=64)
     return spec, pc
 
 
 def _proxy_sources(ctx, directory):
-    import megatron_lpreg.grpo.policy as policy
+    import megatron_lpreg.policy.passes as policy
     from megatron_lpreg.grpo.optimizer import PolicyOptimizer
     from megatron_lpreg.loss import LpRegConfig
 
@@ -49,8 +48,8 @@ def _proxy_sources(ctx, directory):
         batch = random_rollouts(spec.vocab_size)
         # rho = 0.5 selects many tokens, so the proxy shapes the loss; lr moves the policy visibly.
         cfg = LpRegConfig(rho=0.5, min_selected=1, proxy_source=source)
-        scores = policy.score_rollouts(pc, batch, cfg)
-        batch.old_logprobs, batch.proxy_logprobs = scores["old_logprobs"], scores["proxy_logprobs"]
+        scores = policy.recompute_logprobs(pc, batch, cfg)
+        batch.set(old_logprobs=scores.old_logprobs, proxy_logprobs=scores.proxy_logprobs)
         seen = losses[source] = []
         used = proxies[source] = []
 
@@ -65,7 +64,7 @@ def _proxy_sources(ctx, directory):
             optimizer = PolicyOptimizer(pc.model, lr=1e-2, tp_group=pc.tp_group)
             step = optimizer.step
             optimizer.step = lambda: (marks.append(len(seen)), step())[1]
-            policy.train_on_rollouts(pc, batch, cfg, optimizer, num_minibatches=2, epochs=1)
+            policy.train(pc, batch, cfg, optimizer, num_minibatches=2, epochs=1)
         finally:
             policy.lp_reg_policy_loss = real_loss
     return losses, proxies, marks

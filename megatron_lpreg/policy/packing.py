@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_lpreg.grpo.batching import padded_length
+from megatron_lpreg.policy.batching import MicroBatch, padded_length
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def token_budget_packs(lengths: Sequence[int], max_tokens: int, *, pad_to_multip
 
 @dataclass
 class PackedRows:
-    """A micro-batch's sequences packed into rows, and the map back to ``collate``'s [B, S] layout.
+    """A micro-batch's sequences packed into rows, and the map back to its padded [B, S] layout.
 
     tokens, targets: [R, L] long (targets are each sequence's own next tokens, pad at its end);
     attention_mask: [R, 1, L, L] bool, True where masked (another sequence, or a later position);
@@ -82,10 +82,6 @@ class PackedRows:
     index: torch.Tensor
     valid: torch.Tensor
 
-    def to(self, device) -> "PackedRows":
-        return PackedRows(*(t.to(device) for t in (self.tokens, self.targets, self.attention_mask, self.index,
-                                                   self.valid)))
-
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         """Per-token values [R, L] -> [B, S], zero past each sequence's end (differentiable)."""
         gathered = values.reshape(-1)[self.index]
@@ -96,29 +92,31 @@ class PackedRows:
         return logits.reshape(-1, logits.shape[-1])[self.index[selected]]
 
 
-def pack_rows(data: dict, rows: Sequence[Sequence[int]], row_indices: Sequence[int], pad_id: int,
-              pad_to_multiple: int = 1) -> PackedRows:
-    """Pack ``collate``'s ``data`` (rows in the order of ``row_indices``, the batch indices) into
-    ``rows`` (lists of batch indices, as ``token_budget_packs`` gives them)."""
-    tokens_bs, targets_bs, seq_lens = data["tokens"], data["targets"], data["seq_lens"].tolist()
-    where = {int(i): b for b, i in enumerate(row_indices)}
-    bsz, seq = tokens_bs.shape
+def pack_rows(mb: MicroBatch, rows: Sequence[Sequence[int]], pad_id: int, pad_to_multiple: int = 1) -> PackedRows:
+    """Pack the micro-batch ``mb`` into ``rows`` (lists of batch indices out of ``mb.rows``, as
+    ``token_budget_packs`` gives them), on ``mb``'s device."""
+    seq_lens = mb.seq_lens
+    where = {int(i): b for b, i in enumerate(mb.rows)}
+    bsz, seq = mb.tokens.shape
     length = padded_length(max(sum(seq_lens[where[i]] for i in row) for row in rows), pad_to_multiple)
-    tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    targets = torch.full_like(tokens, pad_id)
-    segments = torch.full_like(tokens, -1)  # trailing pads: a segment of their own
+    segments = torch.full((len(rows), length), -1, dtype=torch.long)  # trailing pads: a segment of their own
     index = torch.zeros(bsz, seq, dtype=torch.long)
     for r, row in enumerate(rows):
         at = 0
         for i in row:
             b = where[int(i)]
             n = seq_lens[b]
-            tokens[r, at:at + n] = tokens_bs[b, :n]
-            targets[r, at:at + n] = targets_bs[b, :n]
             segments[r, at:at + n] = b
             index[b, :n] = torch.arange(r * length + at, r * length + at + n)
             at += n
     valid = torch.arange(seq).unsqueeze(0) < torch.tensor(seq_lens).unsqueeze(1)
+    dev = mb.tokens.device
+    index, valid = index.to(dev), valid.to(dev)
+    tokens = torch.full((len(rows) * length,), pad_id, dtype=torch.long, device=dev)
+    targets = torch.full_like(tokens, pad_id)
+    tokens[index[valid]] = mb.tokens[valid]
+    targets[index[valid]] = mb.targets[valid]
     causal = torch.ones(length, length, dtype=torch.bool).triu(1)
     mask = (segments.unsqueeze(2) != segments.unsqueeze(1)) | causal
-    return PackedRows(tokens, targets, mask.unsqueeze(1), index, valid)
+    return PackedRows(tokens.view(len(rows), length), targets.view(len(rows), length), mask.unsqueeze(1).to(dev),
+                      index, valid)
