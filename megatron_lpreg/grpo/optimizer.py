@@ -1,3 +1,4 @@
-"""Moved to ``megatron_lpreg.policy.optimizer``; this re-export goes at the next merge."""
+"""Moved to ``megatron_lpreg.policy.optimizer``; this re-export (for the trainer) goes at the
+next merge."""
 
-from megatron_lpreg.policy.optimizer import PolicyOptimizer, StepResult  # noqa: F401
+from megatron_lpreg.policy.optimizer import PolicyOptimizer  # noqa: F401

@@ -161,6 +161,9 @@ class PolicyOptimizer(OptimizerStateMixin):
 
     @torch.no_grad()
     def step(self) -> StepResult:
+        """One update from the params' ``.grad`` (this rank's micro-batches, summed), which it
+        clears. A collective over ``tp_group`` and ``dp_group``: every rank calls it each step,
+        also one whose loss reached no parameter."""
         if self.shard_over_dp:
             grads = [self._shard_grad()]
             norm = self._shard_grad_norm(grads[0])
