@@ -75,8 +75,8 @@ def test_tensor_parallel_shards_the_weights(name):
 
 def test_state_bytes_per_parameter_match_the_optimizer():
     """16 B/param in training (bf16 weights and grads, fp32 master and moments), 14 resident after
-    the step: checked against grpo/optimizer.PolicyOptimizer's actual tensors."""
-    from megatron_lpreg.grpo.optimizer import PolicyOptimizer
+    the step: checked against policy/optimizer.PolicyOptimizer's actual tensors."""
+    from megatron_lpreg.policy.optimizer import PolicyOptimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 32, bias=False)).to(torch.bfloat16)
     opt = PolicyOptimizer(model, lr=1e-3)

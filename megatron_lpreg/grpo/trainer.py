@@ -26,20 +26,20 @@ from megatron_lpreg.data import DataFields, PromptSampler, encode_prompts, load_
 from megatron_lpreg.grpo.advantages import group_advantages
 from megatron_lpreg.grpo.dynamic_sampling import sample_groups
 from megatron_lpreg.grpo.mismatch import trainable_sequences
-from megatron_lpreg.grpo.optimizer import PolicyOptimizer
 from megatron_lpreg.grpo.reward_shaping import shape_rewards, truncated_mask
 from megatron_lpreg.grpo.rollout import generate_and_grade, to_batch
 from megatron_lpreg.grpo.skips import SkipCounter, TrainingDiverged, weights_finite
-from megatron_lpreg.grpo.state import (
-    complete_checkpoints, load_training_checkpoint, prune_checkpoints, save_training_checkpoint, step_dir,
-)
 from megatron_lpreg.grpo.step_metrics import optimizer_metrics, rollout_metrics
 from megatron_lpreg.grpo.trainer_state import TrainerState
 from megatron_lpreg.grpo.validation import validate
 from megatron_lpreg.memory import MB, PhasePeaks, parameter_bytes
 from megatron_lpreg.parallel import broadcast_object, init_distributed
+from megatron_lpreg.policy.optimizer import PolicyOptimizer
 from megatron_lpreg.policy.passes import PolicyContext, recompute_logprobs, train
 from megatron_lpreg.policy.setup import load_policy, uses_te
+from megatron_lpreg.policy.training_checkpoint import (
+    complete_checkpoints, load_training_checkpoint, prune_checkpoints, save_training_checkpoint, step_dir,
+)
 from megatron_lpreg.rollout.build import EngineRefit, build_rollout_engine
 from megatron_lpreg.rollout.engine import SamplingParams, stop_token_ids
 

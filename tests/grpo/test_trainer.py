@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lpreg.grpo.state import complete_checkpoints
+from megatron_lpreg.policy.training_checkpoint import complete_checkpoints
 from megatron_lpreg.logging import read_metrics, run_metrics
 from tests.distributed import run_distributed
 from tests.grpo.tiny_run import tiny_config

@@ -38,7 +38,7 @@ def load_policy(ctx, directory):
 
 def _proxy_sources(ctx, directory):
     import megatron_lpreg.policy.passes as policy
-    from megatron_lpreg.grpo.optimizer import PolicyOptimizer
+    from megatron_lpreg.policy.optimizer import PolicyOptimizer
     from megatron_lpreg.loss import LpRegConfig
 
     losses, proxies, marks = {}, {}, []

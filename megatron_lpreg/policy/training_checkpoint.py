@@ -1,0 +1,169 @@
+"""Training checkpoints: model, optimiser, RNG, data position and step, written atomically.
+
+A training checkpoint is a model checkpoint (``megatron_lpreg.checkpointing``: it loads with
+``load_model`` and converts with ``checkpoint_tools.megatron_to_hf``) plus::
+
+    optim/<group>/        optimiser moments (and fp32 masters) of that group's parameters, saved with
+                          megatron-core dist_checkpointing under the parameters' own sharding, so a run
+                          saved at one TP size resumes at another
+    rng/rank_<r>.pt       torch and megatron RNG states of each rank
+    trainer_state.json    step, data-sampler position, best validation score, optimiser counters
+
+all written into the hidden staging directory before the completeness marker, so ``resume: auto``
+only ever sees whole checkpoints. ``optimizer`` is a ``PolicyOptimizer`` (its checkpoint entries:
+``policy.optimizer_state``). Saves and loads are collectives over the whole world.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_lpreg import checkpointing as ckpt
+from megatron_lpreg import faults
+
+logger = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+OPTIM_DIR = "optim"
+RNG_DIR = "rng"
+STATE_FILE = "trainer_state.json"
+
+
+def step_dir(run_dir, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def complete_checkpoints(run_dir) -> list[tuple[int, Path]]:
+    """(step, path) of every complete training checkpoint under ``run_dir``, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            match = STEP_DIR.match(path.name)
+            if match and ckpt.is_complete(path) and (path / STATE_FILE).exists():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"torch": torch.get_rng_state()}
+    try:
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    except Exception:  # noqa: BLE001 - no tracker initialised (plain single-process use)
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    if "tracker" in state:
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _optim_sharded(model, optimizer, group: str) -> dict:
+    return optimizer.sharded_state_dict(ckpt.group_sharded_state_dict(model, group))
+
+
+def save_training_checkpoint(path, *, model, optimizer, metadata: dict, trainer_state: dict,
+                             hf_source=None) -> None:
+    """Write a complete training checkpoint at ``path`` (collective; replaces an existing one).
+    A failed write (OSError) is a CheckpointError naming the checkpoint that remains the newest."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    try:
+        _save(Path(path), model, optimizer, metadata, trainer_state, hf_source)
+    except (OSError, CheckpointException) as e:  # a full disk, a quota: the partial directory is gone
+        found = complete_checkpoints(Path(path).parent.parent)
+        kept = f"the newest complete one is still {found[-1][1]}" if found else "there is no earlier complete one"
+        raise ckpt.CheckpointError(f"{path}: checkpoint not saved ({_write_error(e)}); {kept}") from e
+
+
+def _write_error(e: BaseException) -> str:
+    """The OSError's words; megatron's shard writer wraps them in a CheckpointException, which
+    carries them on its coordinator rank only (the others learn just that a write failed)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    # Its writer's errors arrive pickled (no __cause__), as RuntimeError("Worker failure: <OSError>").
+    words = [str(exc).splitlines()[0][:200] for exc, _ in getattr(e, "failures", {}).values()]
+    return f"a shard write failed: {words[0]}" if words else "a shard write failed on another rank"
+
+
+def _save(path: Path, model, optimizer, metadata: dict, trainer_state: dict, hf_source) -> None:
+    from megatron.core import dist_checkpointing
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    groups = ckpt.model_groups(len(model.decoder.layers))
+    with ckpt.staged_directory(path, overwrite=True) as tmp:
+        if rank == 0:
+            if hf_source is not None:
+                ckpt.copy_hf_files(hf_source, tmp / ckpt.HF_DIR)
+            for sub in (OPTIM_DIR, RNG_DIR):
+                (tmp / sub).mkdir()
+        for group in groups:
+            ckpt.save_group(model, group, tmp)
+            if rank == 0:
+                (tmp / OPTIM_DIR / group).mkdir()
+            if dist.is_initialized():
+                dist.barrier()
+            dist_checkpointing.save(_optim_sharded(model, optimizer, group), str(tmp / OPTIM_DIR / group))
+            faults.point("checkpoint_shard")
+        torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}.pt")
+        if rank == 0:
+            state = {**trainer_state, "optimizer": optimizer.scalar_state()}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        faults.point("checkpoint_commit")
+        ckpt.write_metadata(tmp, {**metadata, "groups": groups, "step": trainer_state["step"]})
+
+
+def load_training_checkpoint(path, *, model, optimizer) -> dict:
+    """Restore model, optimiser and (same world size) RNG from ``path``; returns the trainer state."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    ckpt.load_model(model, path)
+    for group in ckpt.model_groups(len(model.decoder.layers)):
+        where = path / OPTIM_DIR / group
+        if not (where / "metadata.json").exists():
+            raise ckpt.CheckpointError(f"{where}: missing optimiser state (not a training checkpoint?)")
+        ckpt.check_group_files(where)
+        try:
+            loaded = dist_checkpointing.load(_optim_sharded(model, optimizer, group), str(where))
+        except ckpt.load_errors() as e:  # megatron's messages are long; name the group
+            raise ckpt.CheckpointError(f"{where}: cannot load optimiser state: {ckpt.first_line(e)}") from e
+        optimizer.load_sharded_state_dict(loaded)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path / STATE_FILE}: cannot read the trainer state ({ckpt.first_line(e)})") from None
+    optimizer.load_scalar_state(state.pop("optimizer"))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng = path / RNG_DIR / f"rank_{rank:05d}.pt"
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if rng.exists() and state.get("world_size") == world:
+        _set_rng_state(torch.load(rng, weights_only=False))
+    else:
+        logger.warning("%s: RNG states not restored (saved by %s ranks, now %d)", path, state.get("world_size"), world)
+    return state
+
+
+def prune_checkpoints(run_dir, keep_last: int | None) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (rank 0 only)."""
+    if not keep_last or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    for _, path in complete_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
