@@ -59,12 +59,12 @@ def _gather_values(values: torch.Tensor, group) -> torch.Tensor:
     n = torch.tensor([values.numel()], dtype=torch.long, device=values.device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, n, group=group)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.full((longest,), float("inf"), dtype=values.dtype, device=values.device)
+    sizes = torch.cat(sizes).tolist()  # one read of all ranks' sizes: the padding needs them
+    padded = torch.full((max(sizes),), float("inf"), dtype=values.dtype, device=values.device)
     padded[: values.numel()] = values
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded, group=group)
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
 
 
 def selection_thresholds(logprobs, advantages, mask, config: LpRegConfig, group=None):
@@ -72,20 +72,21 @@ def selection_thresholds(logprobs, advantages, mask, config: LpRegConfig, group=
 
     logprobs / advantages / mask: one [B, S] tensor each, or lists of them (one per micro-batch);
     advantages may be [B]. group: the data-parallel group, so all DP ranks agree (None = local).
+    Once per mini-batch, not per micro-batch; per side it reads the pool size back (kthvalue takes
+    k on the host, and the k-th value is returned as a float), once for all micro-batches.
     """
     if isinstance(logprobs, torch.Tensor):
         logprobs, advantages, mask = [logprobs], [advantages], [mask]
+    lp_all = torch.cat([lp.detach().reshape(-1) for lp in logprobs]).to(torch.float64)
+    adv_all = torch.cat([_expand(a, lp).reshape(-1) for a, lp in zip(advantages, logprobs)])
+    mask_all = torch.cat([m.bool().reshape(-1) for m in mask])
     out, sizes = {}, {}
     for side in SIDES:
         frac = _fraction(config, side)
         if frac == 0.0:
             out[side], sizes[side] = None, 0
             continue
-        vals = []
-        for lp, adv, m in zip(logprobs, advantages, mask):
-            adv = _expand(adv, lp)
-            vals.append(lp.detach()[_pool(adv, m.bool(), config, side)].reshape(-1))
-        pool = _gather_values(torch.cat(vals).to(torch.float64), group)
+        pool = _gather_values(lp_all[_pool(adv_all, mask_all, config, side)], group)
         k = num_selected(pool.numel(), frac, config.min_selected)
         sizes[side] = pool.numel()
         out[side] = float(torch.kthvalue(pool, k).values) if k else None
