@@ -15,6 +15,14 @@ TP gloo processes (one thread each), so its peak memory is its own:
 Time is the median over ``--iters`` iterations after one warm-up; "extra peak" is the rise of the
 process's peak RSS (VmHWM, reset before the warm-up) above its RSS with the inputs allocated.
 The printed ratios are the issue's targets: b/a time <= 1.3, b extra <= 2 shards, c/b memory >= TP.
+
+Then a paired measurement of what Lp-Reg adds to a training micro-batch: the same inputs put
+through the trainer's update path with the Lp-Reg defaults (k3, microbatch percentile) and with
+``enabled=False`` (plain GRPO), alternating, medians, at two shapes: the CPU demo (vocab 337
+padded to 512, 64 sequences, TP=2) and SmolLM2-135M (vocab 49152, 16 sequences, TP=1), ~60 tokens
+each. "full" = fused token stats (inplace) + loss + backward into the float32 logits shard;
+"loss" = ``lp_reg_policy_loss`` + backward alone on [B, S] log-probs. ``--only paired`` skips the
+first part (whose naive variant needs ~10 GB per rank).
 """
 
 from __future__ import annotations
@@ -197,6 +205,105 @@ def run_variant(args, variant):
     }
 
 
+PAIRED_SHAPES = {
+    # name: (sequences, max tokens, real vocab, padded vocab, TP)
+    "demo": (64, 60, 337, 512, 2),
+    "smollm2": (16, 60, 49152, 49152, 1),
+}
+
+
+def _paired_inputs(shape, rank):
+    B, S, V, Vp, tp = shape
+    g = torch.Generator().manual_seed(99)
+    full = torch.randn(B, S, Vp, generator=g) * 2.5
+    full[..., V:] = 0.0
+    per = Vp // tp
+    logits = full[..., rank * per:(rank + 1) * per].contiguous()
+    target = torch.randint(0, V, (B, S), generator=g)
+    lengths = torch.randint(S // 2, S + 1, (B,), generator=g)
+    mask = torch.arange(S).unsqueeze(0) < lengths.unsqueeze(1)
+    adv = torch.randn(B, generator=g)
+    adv[torch.rand(B, generator=g) < 0.25] = 0.0  # groups with one reward
+    # pi_old and the proxy from a nearby policy, as the scoring pass gives them.
+    old_full = full + 0.3 * torch.randn(full.shape, generator=g)
+    return logits, target, mask, adv, old_full[..., rank * per:(rank + 1) * per].contiguous(), V
+
+
+def _paired_worker(rank, shape, iters, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(shape[4]),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from megatron_lpreg import loss as L
+    from megatron_lpreg.parallel import destroy_distributed, init_distributed
+
+    ctx = init_distributed(tp_size=shape[4], backend="gloo")
+    group = ctx.tp_group if shape[4] > 1 else None
+    logits, target, mask, adv, old_logits, V = _paired_inputs(shape, rank)
+    with torch.no_grad():
+        st = L.vocab_parallel_token_stats(old_logits, target, group=group, vocab_size=V)
+        old, proxy = st.logprobs, st.proxy_logprobs
+        lp0 = L.vocab_parallel_logprobs(logits, target, group, vocab_size=V)
+    configs = {"lpreg": L.LpRegConfig(), "grpo": L.LpRegConfig(enabled=False)}
+    tensors_fn = getattr(L, "lp_reg_policy_loss_tensors", None)
+
+    def full(cfg):
+        z = logits.clone().requires_grad_(True)
+        dist.barrier() if group is not None else None
+        t0 = time.perf_counter()
+        s = L.vocab_parallel_token_stats(z, target, group=group, vocab_size=V, entropy=False,
+                                         proxy=False, inplace=True)
+        loss, _ = L.lp_reg_policy_loss(s.logprobs, old, proxy, adv, mask, cfg)
+        loss.backward()
+        return time.perf_counter() - t0
+
+    def loss_only(cfg, fn=L.lp_reg_policy_loss):
+        lp = lp0.clone().requires_grad_(True)
+        t0 = time.perf_counter()
+        loss, _ = fn(lp, old, proxy, adv, mask, cfg)
+        loss.backward()
+        return time.perf_counter() - t0
+
+    kinds = {"full": full, "loss": loss_only}
+    if tensors_fn is not None:
+        kinds["loss_tensors"] = lambda cfg: loss_only(cfg, tensors_fn)
+    times = {(k, c): [] for k in kinds for c in configs}
+    for i in range(iters + 2):
+        order = list(configs) if i % 2 == 0 else list(configs)[::-1]
+        for k, fn in kinds.items():
+            for c in order:
+                t = fn(configs[c])
+                if i >= 2:  # warm-up
+                    times[(k, c)].append(t)
+    out.put((rank, {f"{k}/{c}": statistics.median(v) for (k, c), v in times.items()}))
+    destroy_distributed()
+
+
+def run_paired(iters: int, timeout: float) -> dict:
+    from megatron_lpreg.parallel import free_port
+
+    ctx = mp.get_context("spawn")
+    res = {}
+    for name, shape in PAIRED_SHAPES.items():
+        out = ctx.Queue()
+        port = free_port()
+        procs = [ctx.Process(target=_paired_worker, args=(r, shape, iters, port, out)) for r in range(shape[4])]
+        for p in procs:
+            p.start()
+        got = [out.get(timeout=timeout) for _ in procs]
+        for p in procs:
+            p.join()
+        res[name] = {k: max(r[1][k] for r in got) for k in got[0][1]}
+    for name, r in res.items():
+        B, S, V, Vp, tp = PAIRED_SHAPES[name]
+        print(f"paired {name} ({B} seqs x <= {S} tokens, vocab {V} -> {Vp}, TP={tp}, median of {iters}):")
+        for kind in sorted({k.split("/")[0] for k in r}):
+            lp, gr = r[f"{kind}/lpreg"], r[f"{kind}/grpo"]
+            print(f"  {kind:<13s} lpreg {lp * 1e3:8.2f} ms  grpo {gr * 1e3:8.2f} ms  lpreg/grpo = {lp / gr:.3f}")
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4096)
@@ -205,9 +312,13 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=1200.0)
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--only", choices=("original", "paired"), help="run one of the two parts")
+    ap.add_argument("--paired-iters", type=int, default=30)
     args = ap.parse_args(argv)
     if args.vocab % args.tp:
         ap.error(f"--vocab {args.vocab} must be divisible by --tp {args.tp}")
+    if args.only == "paired":
+        return run_paired(args.paired_iters, args.timeout)
 
     res = {v: run_variant(args, v) for v in VARIANTS}
     shard = res["a"]["shard_bytes"]
@@ -232,9 +343,10 @@ def main(argv=None):
     print(f"(b_keep: time / a = {ratios['time_bkeep_over_a']:.2f}, extra peak = "
           f"{ratios['bkeep_extra_peak_shards']:.2f} shards)")
     print(f"ratio memory c/b = {ratios['mem_c_over_b']:.2f} (target >= TP = {args.tp})")
+    paired = run_paired(args.paired_iters, args.timeout) if args.only is None else None
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": res, "ratios": ratios}, f, indent=2)
+            json.dump({"args": vars(args), "results": res, "ratios": ratios, "paired": paired}, f, indent=2)
     return ratios
 
 

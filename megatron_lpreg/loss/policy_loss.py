@@ -6,13 +6,14 @@ the vocab-parallel work happened when the log-probs were computed.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 from megatron_lpreg.loss.config import LpRegConfig
 from megatron_lpreg.loss.ref_kl import ref_kl
-from megatron_lpreg.loss.selection import SelectionThresholds, _expand, select_tokens
+from megatron_lpreg.loss.selection import SelectionThresholds, _expand, select_tokens_tensors
 
 ExactKL = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
 
@@ -39,9 +40,34 @@ def aggregate(token_losses, mask, mode="token_mean", global_tokens=None) -> torc
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    n = int(mask.sum())
-    return float(torch.where(mask, x, torch.zeros_like(x)).sum() / n) if n else 0.0
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """0-d mean over ``mask``, 0 when empty; the same bits as dividing by the host count."""
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+
+
+def _masked_extreme(x: torch.Tensor, mask: torch.Tensor, largest: bool) -> torch.Tensor:
+    fill = float("-inf") if largest else float("inf")
+    filled = torch.where(mask, x, torch.full_like(x, fill))
+    value = filled.amax() if largest else filled.amin()
+    return torch.where(mask.any(), value, torch.zeros_like(value))
+
+
+# Metrics that are only reported when they exist; the tensor variant carries NaN for "absent".
+OPTIONAL_METRICS = frozenset({"lpreg/delta_rho"})
+
+
+def metrics_to_floats(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Tensor metrics -> Python floats with one host sync; NaN optional metrics are dropped."""
+    tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+    host = dict(zip(tensors, torch.stack([v.detach().to(torch.float64).reshape(())
+                                          for v in tensors.values()]).tolist())) if tensors else {}
+    out = {}
+    for key, value in metrics.items():
+        value = host[key] if key in host else float(value)
+        if key in OPTIONAL_METRICS and math.isnan(value):
+            continue
+        out[key] = value
+    return out
 
 
 def _log_ratio(logprobs, old_logprobs, mask, config):
@@ -54,14 +80,22 @@ def _log_ratio(logprobs, old_logprobs, mask, config):
 
 
 def _top_fraction(scores, mask, fraction):
-    """Bool mask of the max(1, int(fraction * n)) largest ``scores`` among valid tokens (verl's rule)."""
-    idx = mask.reshape(-1).nonzero(as_tuple=True)[0]
-    out = torch.zeros_like(mask)
-    if idx.numel():
-        k = max(1, int(idx.numel() * fraction))
-        pick = scores.detach().reshape(-1)[idx].topk(k, largest=True).indices
-        out.view(-1)[idx[pick]] = True
-    return out
+    """Bool mask of the max(1, int(fraction * n)) largest ``scores`` among valid tokens (verl's rule).
+
+    A stable sort with k as a tensor instead of topk, which needs k (data-dependent) on the host;
+    ties at the k-th value go to the earlier token.
+    """
+    flat_mask = mask.reshape(-1)
+    n = flat_mask.sum()
+    k = torch.floor(n.to(torch.float64) * fraction).to(torch.int64).clamp(min=1)
+    # Ascending on -score puts the largest first; NaN scores first among valid tokens (topk ranks
+    # NaN largest), invalid tokens last as NaN.
+    neg = (-scores.detach().reshape(-1)).nan_to_num(nan=float("-inf"), posinf=float("inf"),
+                                                   neginf=float("-inf"))
+    order = torch.sort(torch.where(flat_mask, neg, float("nan")), stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return (flat_mask & (rank < k)).view_as(mask)
 
 
 def _regulariser(logprobs, proxy_logprobs, selected, config, exact_kl: ExactKL):
@@ -79,12 +113,124 @@ def _regulariser(logprobs, proxy_logprobs, selected, config, exact_kl: ExactKL):
         )
     if callable(exact_kl):
         values = exact_kl(selected)
-        if values.shape != (int(selected.sum()),):
-            raise ValueError(
-                f"exact_kl callable returned shape {tuple(values.shape)}, expected ({int(selected.sum())},)"
-            )
+        # The one host sync of this path: the callable returns a data-dependent number of rows
+        # (it has gathered them by the mask, itself a sync), and a wrong count must not scatter.
+        n_sel = int(selected.sum())
+        if values.shape != (n_sel,):
+            raise ValueError(f"exact_kl callable returned shape {tuple(values.shape)}, expected ({n_sel},)")
         return torch.zeros_like(logprobs).masked_scatter(selected, values.to(logprobs.dtype))
     return torch.where(selected, exact_kl.to(logprobs.dtype), torch.zeros_like(logprobs))
+
+
+def lp_reg_policy_loss_tensors(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    proxy_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: LpRegConfig,
+    exact_kl: ExactKL = None,
+    *,
+    entropy: torch.Tensor | None = None,
+    thresholds: SelectionThresholds | None = None,
+    global_tokens: int | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    pg_weight: torch.Tensor | None = None,
+):
+    """``lp_reg_policy_loss`` with the metrics as 0-d tensors on the log-probs' device.
+
+    No host sync for kl='k3' (kl='forward'/'reverse' with a callable: one, see ``_regulariser``), so
+    a trainer can sum the metrics over micro-batches on the device and read them once per step.
+    The keys and values are those of ``lp_reg_policy_loss``, except ``lpreg/delta_rho``: present
+    whenever a percentile can be taken, NaN where none was (``metrics_to_floats`` drops it then).
+    Counts are int64, means in the log-probs' dtype, shares float64.
+    """
+    mask = mask.bool()
+    adv = _expand(advantages, logprobs).to(logprobs.dtype)
+    if entropy is None and (config.entropy_coef > 0 or config.high_entropy_fraction < 1.0):
+        raise ValueError("entropy_coef > 0 or high_entropy_fraction < 1 needs the per-token entropy")
+    nonfinite = mask & ~(torch.isfinite(logprobs) & torch.isfinite(old_logprobs) & torch.isfinite(adv))
+
+    log_ratio = _log_ratio(logprobs, old_logprobs, mask, config)
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
+    if pg_weight is not None:
+        # w >= 0 commutes with the max, so weighting both branches weights the clipped surrogate.
+        w = pg_weight.detach().to(logprobs.dtype)
+        pg_unclipped, pg_clipped = w * pg_unclipped, w * pg_clipped
+    token_loss = torch.maximum(pg_unclipped, pg_clipped)
+    metrics: dict[str, torch.Tensor] = {}
+
+    if config.kl_cov_ratio > 0:
+        with torch.no_grad():
+            lp_d = logprobs.detach()
+            cov = (adv - _masked_mean(adv, mask)) * (lp_d - _masked_mean(lp_d, mask))
+            kl_cov = _top_fraction(cov, mask, config.kl_cov_ratio)
+        penalised = pg_unclipped + config.kl_cov_coef * (logprobs - old_logprobs).abs()
+        token_loss = torch.where(kl_cov, penalised, token_loss)
+        metrics["kl_cov/selected"] = kl_cov.sum()
+
+    if config.enabled:
+        sel = select_tokens_tensors(logprobs, proxy_logprobs, adv, mask, config, thresholds)
+        reg = _regulariser(logprobs, proxy_logprobs, sel.selected, config, exact_kl)
+        token_loss = torch.where(sel.selected, pg_unclipped + config.beta * reg, token_loss)
+        n_sel, n_valid = sel.selected.sum(), mask.sum()
+        f64 = torch.float64
+        metrics.update({
+            "lpreg/candidates": sel.candidates,
+            "lpreg/lowest": sel.lowest_count,
+            "lpreg/selected": n_sel,
+            # Python's int / int is a float64 division: the same bits as the float variant had.
+            "lpreg/pass_share": n_sel.to(f64) / sel.lowest_count.to(f64).clamp(min=1),
+            "lpreg/selected_share": n_sel.to(f64) / n_valid.to(f64).clamp(min=1),
+            "lpreg/kl_mean": _masked_mean(reg.detach(), sel.selected),
+        })
+        delta = sel.delta_rho_logprob
+        if delta is not None:
+            # exp in float32, as it always was (the threshold went through torch.tensor(float)).
+            if isinstance(delta, torch.Tensor):
+                metrics["lpreg/delta_rho"] = delta.detach().to(torch.float32).exp()
+            else:
+                metrics["lpreg/delta_rho"] = torch.tensor(delta, dtype=torch.float32).exp().to(logprobs.device)
+    else:
+        # |N| and |S'| are always reported, so a plain-GRPO run's logs line up with an Lp-Reg run's.
+        metrics["lpreg/candidates"] = (mask & (adv < 0)).sum()
+        metrics["lpreg/selected"] = torch.zeros((), dtype=torch.int64, device=logprobs.device)
+
+    loss_mask = mask
+    if config.high_entropy_fraction < 1.0:
+        loss_mask = mask & _top_fraction(entropy, mask, config.high_entropy_fraction)
+        metrics["high_entropy/kept"] = loss_mask.sum()
+    if config.entropy_coef > 0:
+        token_loss = token_loss - config.entropy_coef * entropy
+    if config.ref_kl_coef > 0:
+        if ref_logprobs is None:
+            raise ValueError("ref_kl_coef > 0 needs ref_logprobs (log-probs of the reference policy)")
+        kl = ref_kl(logprobs, ref_logprobs, config.ref_kl_type)
+        token_loss = token_loss + config.ref_kl_coef * kl
+        metrics["loss/ref_kl"] = _masked_mean(kl.detach(), loss_mask)
+
+    loss = aggregate(token_loss, loss_mask, config.loss_agg, global_tokens)
+
+    with torch.no_grad():
+        r = ratio.detach()
+        clipped = pg_clipped > pg_unclipped
+        metrics.update({
+            "loss/tokens": mask.sum(),
+            "loss/nonfinite_tokens": nonfinite.sum(),
+            "pg/clipfrac": _masked_mean(clipped.to(r.dtype), loss_mask),
+            # The two clip bounds separately: r > 1 + eps_high binds for A > 0, r < 1 - eps_low for A < 0.
+            "pg/clipfrac_high": _masked_mean((clipped & (adv > 0)).to(r.dtype), loss_mask),
+            "pg/clipfrac_low": _masked_mean((clipped & (adv < 0)).to(r.dtype), loss_mask),
+            "pg/ratio_mean": _masked_mean(r, mask),
+            "pg/ratio_max": _masked_extreme(r, mask, largest=True),
+            "pg/ratio_min": _masked_extreme(r, mask, largest=False),
+            "pg/approx_kl": _masked_mean((old_logprobs - logprobs).detach(), mask),
+        })
+        if entropy is not None:
+            metrics["entropy/mean"] = _masked_mean(entropy.detach(), mask)
+    return loss, metrics
 
 
 def lp_reg_policy_loss(
@@ -116,82 +262,8 @@ def lp_reg_policy_loss(
     sampling, ``grpo/mismatch.py``), treated as a constant; the Lp-Reg term D_t is not weighted.
     The loss is aggregated by ``config.loss_agg`` (token mean by default).
     """
-    mask = mask.bool()
-    adv = _expand(advantages, logprobs).to(logprobs.dtype)
-    if entropy is None and (config.entropy_coef > 0 or config.high_entropy_fraction < 1.0):
-        raise ValueError("entropy_coef > 0 or high_entropy_fraction < 1 needs the per-token entropy")
-    nonfinite = mask & ~(torch.isfinite(logprobs) & torch.isfinite(old_logprobs) & torch.isfinite(adv))
-
-    log_ratio = _log_ratio(logprobs, old_logprobs, mask, config)
-    ratio = torch.exp(log_ratio)
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
-    clipped = pg_clipped > pg_unclipped
-    if pg_weight is not None:
-        # w >= 0 commutes with the max, so weighting both branches weights the clipped surrogate.
-        w = pg_weight.detach().to(logprobs.dtype)
-        pg_unclipped, pg_clipped = w * pg_unclipped, w * pg_clipped
-    token_loss = torch.maximum(pg_unclipped, pg_clipped)
-    metrics: dict[str, float] = {}
-
-    if config.kl_cov_ratio > 0:
-        with torch.no_grad():
-            lp_d = logprobs.detach()
-            cov = (adv - _masked_mean(adv, mask)) * (lp_d - _masked_mean(lp_d, mask))
-            kl_cov = _top_fraction(cov, mask, config.kl_cov_ratio)
-        penalised = pg_unclipped + config.kl_cov_coef * (logprobs - old_logprobs).abs()
-        token_loss = torch.where(kl_cov, penalised, token_loss)
-        metrics["kl_cov/selected"] = float(kl_cov.sum())
-
-    # |N| and |S'| are always reported, so a plain-GRPO run's logs line up with an Lp-Reg run's.
-    metrics["lpreg/candidates"] = float((mask & (adv < 0)).sum())
-    metrics["lpreg/selected"] = 0.0
-    if config.enabled:
-        sel = select_tokens(logprobs, proxy_logprobs, adv, mask, config, thresholds)
-        reg = _regulariser(logprobs, proxy_logprobs, sel.selected, config, exact_kl)
-        token_loss = torch.where(sel.selected, pg_unclipped + config.beta * reg, token_loss)
-        n_sel, n_valid = int(sel.selected.sum()), int(mask.sum())
-        metrics.update({
-            "lpreg/candidates": float(sel.candidates),
-            "lpreg/lowest": float(sel.lowest_count),
-            "lpreg/selected": float(n_sel),
-            "lpreg/pass_share": n_sel / sel.lowest_count if sel.lowest_count else 0.0,
-            "lpreg/selected_share": n_sel / n_valid if n_valid else 0.0,
-            "lpreg/kl_mean": _masked_mean(reg.detach(), sel.selected),
-        })
-        if sel.delta_rho_logprob is not None:
-            metrics["lpreg/delta_rho"] = float(torch.tensor(sel.delta_rho_logprob).exp())
-
-    loss_mask = mask
-    if config.high_entropy_fraction < 1.0:
-        loss_mask = mask & _top_fraction(entropy, mask, config.high_entropy_fraction)
-        metrics["high_entropy/kept"] = float(loss_mask.sum())
-    if config.entropy_coef > 0:
-        token_loss = token_loss - config.entropy_coef * entropy
-    if config.ref_kl_coef > 0:
-        if ref_logprobs is None:
-            raise ValueError("ref_kl_coef > 0 needs ref_logprobs (log-probs of the reference policy)")
-        kl = ref_kl(logprobs, ref_logprobs, config.ref_kl_type)
-        token_loss = token_loss + config.ref_kl_coef * kl
-        metrics["loss/ref_kl"] = _masked_mean(kl.detach(), loss_mask)
-
-    loss = aggregate(token_loss, loss_mask, config.loss_agg, global_tokens)
-
-    with torch.no_grad():
-        r = ratio.detach()
-        clipped = pg_clipped > pg_unclipped
-        metrics.update({
-            "loss/tokens": float(mask.sum()),
-            "loss/nonfinite_tokens": float(nonfinite.sum()),
-            "pg/clipfrac": _masked_mean(clipped.to(r.dtype), loss_mask),
-            # The two clip bounds separately: r > 1 + eps_high binds for A > 0, r < 1 - eps_low for A < 0.
-            "pg/clipfrac_high": _masked_mean((clipped & (adv > 0)).to(r.dtype), loss_mask),
-            "pg/clipfrac_low": _masked_mean((clipped & (adv < 0)).to(r.dtype), loss_mask),
-            "pg/ratio_mean": _masked_mean(r, mask),
-            "pg/ratio_max": float(r[mask].max()) if mask.any() else 0.0,
-            "pg/ratio_min": float(r[mask].min()) if mask.any() else 0.0,
-            "pg/approx_kl": _masked_mean((old_logprobs - logprobs).detach(), mask),
-        })
-        if entropy is not None:
-            metrics["entropy/mean"] = _masked_mean(entropy.detach(), mask)
-    return loss, metrics
+    loss, metrics = lp_reg_policy_loss_tensors(
+        logprobs, old_logprobs, proxy_logprobs, advantages, mask, config, exact_kl, entropy=entropy,
+        thresholds=thresholds, global_tokens=global_tokens, ref_logprobs=ref_logprobs, pg_weight=pg_weight,
+    )
+    return loss, metrics_to_floats(metrics)

@@ -13,6 +13,7 @@ every token with l <= the k-th lowest value, so tokens tied with the k-th are al
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,12 +59,12 @@ def _gather_values(values: torch.Tensor, group) -> torch.Tensor:
     n = torch.tensor([values.numel()], dtype=torch.long, device=values.device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, n, group=group)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.full((longest,), float("inf"), dtype=values.dtype, device=values.device)
+    sizes = torch.cat(sizes).tolist()  # one read of all ranks' sizes: the padding needs them
+    padded = torch.full((max(sizes),), float("inf"), dtype=values.dtype, device=values.device)
     padded[: values.numel()] = values
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded, group=group)
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
 
 
 def selection_thresholds(logprobs, advantages, mask, config: LpRegConfig, group=None):
@@ -71,20 +72,21 @@ def selection_thresholds(logprobs, advantages, mask, config: LpRegConfig, group=
 
     logprobs / advantages / mask: one [B, S] tensor each, or lists of them (one per micro-batch);
     advantages may be [B]. group: the data-parallel group, so all DP ranks agree (None = local).
+    Once per mini-batch, not per micro-batch; per side it reads the pool size back (kthvalue takes
+    k on the host, and the k-th value is returned as a float), once for all micro-batches.
     """
     if isinstance(logprobs, torch.Tensor):
         logprobs, advantages, mask = [logprobs], [advantages], [mask]
+    lp_all = torch.cat([lp.detach().reshape(-1) for lp in logprobs]).to(torch.float64)
+    adv_all = torch.cat([_expand(a, lp).reshape(-1) for a, lp in zip(advantages, logprobs)])
+    mask_all = torch.cat([m.bool().reshape(-1) for m in mask])
     out, sizes = {}, {}
     for side in SIDES:
         frac = _fraction(config, side)
         if frac == 0.0:
             out[side], sizes[side] = None, 0
             continue
-        vals = []
-        for lp, adv, m in zip(logprobs, advantages, mask):
-            adv = _expand(adv, lp)
-            vals.append(lp.detach()[_pool(adv, m.bool(), config, side)].reshape(-1))
-        pool = _gather_values(torch.cat(vals).to(torch.float64), group)
+        pool = _gather_values(lp_all[_pool(adv_all, mask_all, config, side)], group)
         k = num_selected(pool.numel(), frac, config.min_selected)
         sizes[side] = pool.numel()
         out[side] = float(torch.kthvalue(pool, k).values) if k else None
@@ -104,8 +106,45 @@ class Selection:
     delta_rho_logprob: float | None  # the negative side's percentile threshold, as a log-prob
 
 
-def select_tokens(logprobs, proxy_logprobs, advantages, mask, config, thresholds=None) -> Selection:
-    """S and S' for one micro-batch. ``thresholds`` are required for the batch scopes."""
+@dataclass
+class SelectionTensors:
+    """``Selection`` with the counts as 0-d device tensors, so nothing waits for the device."""
+
+    lowest: torch.Tensor
+    selected: torch.Tensor
+    candidates: torch.Tensor  # int64
+    lowest_count: torch.Tensor  # int64
+    # The negative side's threshold: a float (batch scopes), a 0-d tensor that is NaN when nothing
+    # was taken (microbatch scope), or None (the side never takes a percentile).
+    delta_rho_logprob: torch.Tensor | float | None
+
+
+def _k_lowest(lp_flat: torch.Tensor, pool_flat: torch.Tensor, frac: float, min_selected: int):
+    """Bool mask of the k = int(frac * |pool|) lowest pool tokens (none below min_selected), and the
+    k-th lowest value (NaN for k = 0), without a host sync.
+
+    topk would need k on the host; a stable sort takes it as a tensor. Ties at the k-th value go to
+    the earlier token, as the reference's stable sorted() picks them (topk's choice is unspecified).
+    """
+    n = pool_flat.sum()
+    # float64 product and floor: bit for bit Python's int(n * frac) for the n of any real batch.
+    k = torch.floor(n.to(torch.float64) * frac).to(torch.int64)
+    k = torch.where(k >= min_selected, k, torch.zeros_like(k))
+    # Pool tokens first (NaN log-probs among them after +inf, where topk also ranks NaN), the rest
+    # last as NaN; one sort.
+    key = torch.where(pool_flat, lp_flat.nan_to_num(nan=float("inf"), posinf=float("inf"),
+                                                    neginf=float("-inf")), float("nan"))
+    order = torch.sort(key, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    chosen = pool_flat & (rank < k)
+    kth = lp_flat[order[(k - 1).clamp(min=0)]] if order.numel() else lp_flat.new_zeros(())
+    return chosen, torch.where(k > 0, kth, torch.full_like(kth, float("nan")))
+
+
+def select_tokens_tensors(logprobs, proxy_logprobs, advantages, mask, config,
+                          thresholds=None) -> SelectionTensors:
+    """``select_tokens`` without host syncs: counts and the threshold stay on the device."""
     lp = logprobs.detach()
     adv = _expand(advantages, lp)
     mask = mask.bool()
@@ -116,15 +155,9 @@ def select_tokens(logprobs, proxy_logprobs, advantages, mask, config, thresholds
         if frac == 0.0:
             continue
         pool = _pool(adv, mask, config, side)
-        side_lowest = torch.zeros_like(mask)
         if config.percentile_scope == "microbatch":
-            flat_idx = pool.reshape(-1).nonzero(as_tuple=True)[0]
-            k = num_selected(flat_idx.numel(), frac, config.min_selected)
-            if not k:
-                continue
-            vals, pick = lp.reshape(-1)[flat_idx].topk(k, largest=False)
-            side_lowest.view(-1)[flat_idx[pick]] = True
-            side_thr = float(vals.max())
+            chosen, side_thr = _k_lowest(lp.reshape(-1), pool.reshape(-1), frac, config.min_selected)
+            side_lowest = chosen.view_as(mask)
         else:
             if thresholds is None:
                 raise ValueError(
@@ -140,10 +173,22 @@ def select_tokens(logprobs, proxy_logprobs, advantages, mask, config, thresholds
         if side == "neg":
             delta = side_thr
     selected = lowest & (lp < proxy_logprobs)
-    return Selection(
+    return SelectionTensors(
         lowest=lowest,
         selected=selected,
-        candidates=int((mask & (adv < 0)).sum()),
-        lowest_count=int(lowest.sum()),
+        candidates=(mask & (adv < 0)).sum(),
+        lowest_count=lowest.sum(),
         delta_rho_logprob=delta,
     )
+
+
+def select_tokens(logprobs, proxy_logprobs, advantages, mask, config, thresholds=None) -> Selection:
+    """S and S' for one micro-batch. ``thresholds`` are required for the batch scopes."""
+    sel = select_tokens_tensors(logprobs, proxy_logprobs, advantages, mask, config, thresholds)
+    delta = sel.delta_rho_logprob
+    on_device = isinstance(delta, torch.Tensor)
+    parts = [sel.candidates, sel.lowest_count] + ([delta] if on_device else [])
+    host = torch.stack([t.to(torch.float64) for t in parts]).tolist()  # the one sync
+    if on_device:
+        delta = None if math.isnan(host[2]) else host[2]  # NaN: the side took nothing (k = 0)
+    return Selection(sel.lowest, sel.selected, int(host[0]), int(host[1]), delta)

@@ -9,6 +9,7 @@ by slicing (a view, no copy) instead of masking.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -111,9 +112,21 @@ def target_index(target: torch.Tensor, shard: VocabShard):
 
 
 def check_targets(target: torch.Tensor, shard: VocabShard, fn: str) -> None:
+    """Out-of-range ids would silently read as nobody's token: refuse them.
+
+    On the CPU reading the range back costs nothing, so it is checked here with a clear error. On an
+    accelerator that read would stall the host once per micro-batch; there the check is a
+    device-side assert (the run stops at the next sync with the message), or the host check in
+    debug mode.
+    """
     if target.numel() == 0:
         return
-    lo, hi = int(target.min()), int(target.max())
+    if target.device.type != "cpu" and not _DEBUG:
+        torch._assert_async(((target >= 0) & (target < shard.global_size)).all(),
+                            f"{fn}: target ids must be in [0, {shard.global_size})")
+        return
+    lo, hi = torch.aminmax(target)
+    lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= shard.global_size:
         raise ValueError(
             f"{fn}: target ids must be in [0, {shard.global_size}), got min {lo}, max {hi}"
@@ -139,8 +152,12 @@ def check_kappa(kappa: float) -> float:
     return kappa
 
 
+@functools.lru_cache(maxsize=64)
 def just_below(value: float, dtype: torch.dtype) -> float:
-    """The largest number of ``dtype`` below ``value``: ``x > just_below(k)`` is ``x >= k`` exactly."""
+    """The largest number of ``dtype`` below ``value``: ``x > just_below(k)`` is ``x >= k`` exactly.
+
+    Cached: it is a host computation on a constant, asked for per chunk and per call.
+    """
     v = torch.tensor(value, dtype=dtype)
     return float(torch.nextafter(v, torch.zeros_like(v)))
 

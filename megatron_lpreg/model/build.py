@@ -134,13 +134,23 @@ def build_gpt_model(
     return model.to(dtype)
 
 
-def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def model_logits(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Causal-LM logits of ``input_ids`` [B, S] -> [B, S, V_padded / TP], vocab-sharded.
 
     TP rank r holds global vocab ids [r * V_local, (r + 1) * V_local); ids >= the real vocab size
     are padding. Positions are 0..S-1 for every row (no left padding). ``attention_mask``
     [B, 1, S, S] bool (True = masked) replaces the causal mask, e.g. block-diagonal for packed rows
     (``grpo.packing``); only the local layer spec honours it (TE's attention applies its own).
+
+    ``positions``: only these positions go through the output layer, -> [N, V_padded / TP]. Either
+    flat indices into the row-major [B * S] positions (in the order wanted; what a caller should
+    pass, as it needs no host sync) or a [B, S] bool mask (row-major order, one sync to find them).
+    The decoder still sees every position; only the LM head, the largest matmul of a small model
+    and the [B, S, V] output, shrinks to the positions read: a response's tokens and the last
+    prompt position, which predicts the first response token.
     """
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
@@ -154,4 +164,36 @@ def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         from megatron_lpreg.cpu_shims import causal_attention_mask
 
         attention_mask = causal_attention_mask(seq, device=input_ids.device)
-    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+    if positions is None:
+        return model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+
+    flat = _flat_positions(positions, batch, seq, input_ids.device)
+    head = model.output_layer
+    if getattr(head, "sequence_parallel", False):
+        raise ModelBuildError("model_logits(positions=...) does not support sequence parallelism")
+
+    def select_rows(_module, args, kwargs):
+        # The output layer gets the final-norm hidden states [S, B, H] (megatron's layout); hand
+        # it the wanted rows as [N, 1, H]. Everything before it is GPTModel's own forward, so
+        # embedding, RoPE, masks and tied weights are exactly the full path's.
+        hidden = args[0]
+        rows = hidden[flat % seq, torch.div(flat, seq, rounding_mode="floor")]
+        return (rows.unsqueeze(1), *args[1:]), kwargs
+
+    handle = head.register_forward_pre_hook(select_rows, with_kwargs=True)
+    try:
+        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+    finally:
+        handle.remove()
+    return logits.squeeze(0)  # GPTModel returns [b, s, V] = [1, N, V] for the [N, 1, H] input
+
+
+def _flat_positions(positions: torch.Tensor, batch: int, seq: int, device) -> torch.Tensor:
+    positions = positions.to(device)
+    if positions.dtype == torch.bool:
+        if positions.shape != (batch, seq):
+            raise ValueError(f"positions mask {tuple(positions.shape)} != input_ids {(batch, seq)}")
+        return positions.reshape(-1).nonzero().squeeze(1)
+    if positions.dim() != 1 or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError("positions: flat int indices into [B * S] or a [B, S] bool mask")
+    return positions.long()
