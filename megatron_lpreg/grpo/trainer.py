@@ -35,8 +35,10 @@ from megatron_lpreg.grpo.validation import validate
 from megatron_lpreg.memory import MB, PhasePeaks, parameter_bytes
 from megatron_lpreg.parallel import broadcast_object, init_distributed
 from megatron_lpreg.policy.optimizer import PolicyOptimizer
-from megatron_lpreg.policy.passes import PolicyContext, recompute_logprobs, train
+from megatron_lpreg.policy.metric_sums import MetricSums
+from megatron_lpreg.policy.passes import PolicyContext, on_policy_scores, recompute_logprobs, train
 from megatron_lpreg.policy.setup import load_policy, uses_te
+from megatron_lpreg.policy.throughput import forward_flops, measure_peak_flops
 from megatron_lpreg.policy.training_checkpoint import (
     complete_checkpoints, load_training_checkpoint, prune_checkpoints, save_training_checkpoint, step_dir,
 )
@@ -107,6 +109,10 @@ class GRPOTrainer:
                 RewardPool(r.num_workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb)
         self.refitter = EngineRefit(cfg, self.engine, ctx.tp, ctx.device)
         self.memory = PhasePeaks(ctx.device)
+        self.minibatches = g.prompts_per_step // g.mini_batch_prompts
+        self.on_policy = on_policy_scores(cfg.loss, num_minibatches=self.minibatches, epochs=g.epochs,
+                                          ref_model=self.ref_model, mask_seq_abs_diff=cfg.mismatch.mask_seq_abs_diff)
+        self.peak_flops = measure_peak_flops(ctx.device, getattr(torch, m.dtype))
         self.resumed_from = self._resume()
         self.refit()
         self.metrics_logger = self._make_logger()
@@ -127,27 +133,31 @@ class GRPOTrainer:
                                       eps=g.adv_eps, normalize_std=g.normalize_adv_std)
         trainable = truncated_mask(rollout) if c.reward.mask_truncated else None
         batch = to_batch(rollout, advantages, trainable, self.ctx.device)
-        with self._phase("logprob", times):
-            scores = recompute_logprobs(self.policy, batch, c.loss)
-        batch.set(old_logprobs=scores.old_logprobs, proxy_logprobs=scores.proxy_logprobs,
-                  ref_logprobs=scores.ref_logprobs)
+        with self._phase("logprob", times):  # on-policy the training forward gives them instead
+            scores = None if self.on_policy else recompute_logprobs(self.policy, batch, c.loss)
+        if scores is not None:
+            batch.set(old_logprobs=scores.old_logprobs, proxy_logprobs=scores.proxy_logprobs,
+                      ref_logprobs=scores.ref_logprobs)
         masked = self.mask_mismatched(batch)
         with self._phase("train", times, fault_point=False):  # its fault points are in the passes
-            loss_sums, results = train(self.policy, batch, c.loss, self.optimizer,
-                                       num_minibatches=g.prompts_per_step // g.mini_batch_prompts, epochs=g.epochs,
-                                       tis_cap=c.mismatch.tis_cap)
-        self.state.skips.add(results)
+            trained = train(self.policy, batch, c.loss, self.optimizer, num_minibatches=self.minibatches,
+                            epochs=g.epochs, tis_cap=c.mismatch.tis_cap, scores_from_forward=scores is None)
+        scores = scores or trained.scores
+        self.state.skips.add(trained.steps)
         with self._phase("refit", times, fault_point=False):  # and the refit's in the refit
             refit = self.refit()
 
         sums = rollout_metrics(rollout, batch, scores, truncated, c.reward, c.rollout.max_tokens)
-        sums.merge(loss_sums)
+        sums.merge(trained.metrics)
+        sums.merge(self.throughput(batch, times, scores is trained.scores))
         if masked is not None:
             sums.add({"mismatch/masked_seqs": masked / max(len(batch), 1)}, weight=len(batch))
-        metrics = {**sums.reduce(self.ctx.dp), **optimizer_metrics(results), **rollout.metrics, **times,
-                   **self.memory.metrics(), "time/rollout": rollout.generate_s, "time/reward": rollout.reward_s,
-                   "refit/mb": refit.bytes / MB, "memory/model_mb": parameter_bytes(self.model) / MB}
+        metrics = {**sums.reduce(self.ctx.dp), **optimizer_metrics(trained.steps), **rollout.metrics, **times,
+                   **trained.seconds, **self.memory.metrics(), "time/rollout": rollout.generate_s,
+                   "time/reward": rollout.reward_s, "refit/mb": refit.bytes / MB,
+                   "memory/model_mb": parameter_bytes(self.model) / MB}
         metrics["time/step"] = time.perf_counter() - t0
+        metrics["perf/tokens_per_s"] = metrics.pop("perf/tokens") / metrics["time/step"]
         self.state.step = step
         return metrics
 
@@ -198,6 +208,18 @@ class GRPOTrainer:
             shape_rewards(graded, max_tokens=c.rollout.max_tokens, buffer=c.reward.overlong_buffer,
                           factor=c.reward.overlong_penalty)
         return graded, truncated
+
+    def throughput(self, batch, times: dict, logprob_skipped: bool) -> MetricSums:
+        """Tokens through the model, and the model FLOP/s and MFU of this rank's passes against the
+        peak measured at start (``policy.throughput``)."""
+        lengths, heads = batch.lengths, batch.response_tokens
+        passes = 3 * self.cfg.grpo.epochs + (0 if logprob_skipped else 1 + (self.ref_model is not None))
+        flops = passes * forward_flops(self.spec, lengths, head_positions=heads) / self.ctx.tp_size
+        rate = flops / max(times["time/train"] + times["time/logprob"], 1e-9)
+        sums = MetricSums()
+        sums.add({"perf/tokens": float(sum(lengths))})
+        sums.add({"perf/flops_per_s": rate, "perf/mfu": rate / self.peak_flops})
+        return sums
 
     def mask_mismatched(self, batch) -> float | None:
         """``mismatch.mask_seq_abs_diff``: sequences whose engine log-probs stray too far from the

@@ -182,13 +182,24 @@ class MicroBatch:
         out.view(-1)[self.response_index] = values[self.response_slots]
         return out
 
-    def gather(self, values: torch.Tensor) -> torch.Tensor:
-        """[B, S] per-position values -> [R_mb] at the response tokens (batch flat order)."""
-        return values.reshape(-1)[self.response_index]
+    def response_targets(self) -> torch.Tensor:
+        """[R_mb] long: the response tokens, in the order of ``response_index``."""
+        return self.targets.reshape(-1)[self.response_index]
+
+    def expand(self, values: torch.Tensor) -> torch.Tensor:
+        """Compact per-response-token ``values`` [R_mb] -> [B, S] (0 elsewhere), differentiable."""
+        flat = torch.zeros(self.tokens.numel(), dtype=values.dtype, device=values.device)
+        return flat.index_copy(0, self.response_index, values).view(self.tokens.shape)
+
+    def compact_index(self) -> torch.Tensor:
+        """[B, S] long: each response position's row in the compact [R_mb] layout (-1 elsewhere)."""
+        out = torch.full((self.tokens.numel(),), -1, dtype=torch.long, device=self.tokens.device)
+        out[self.response_index] = torch.arange(self.response_index.numel(), device=out.device)
+        return out.view(self.tokens.shape)
 
     def scatter(self, out: torch.Tensor, values: torch.Tensor) -> None:
-        """Write [B, S] per-position ``values`` into the batch-wide flat [R] tensor ``out``."""
-        out[self.response_slots] = self.gather(values).to(out.dtype)
+        """Write compact per-response-token ``values`` [R_mb] into the batch-wide flat [R] ``out``."""
+        out[self.response_slots] = values.to(out.dtype)
 
 
 def microbatch(batch: RolloutBatch, rows: Sequence[int], pad_id: int, pad_to_multiple: int = 1) -> MicroBatch:

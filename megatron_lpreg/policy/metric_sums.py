@@ -13,11 +13,12 @@ import collections
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg.loss.policy_loss import OPTIONAL_METRICS
 from megatron_lpreg.parallel import group_or_none
 
 SUMMED = frozenset({
     "lpreg/selected", "lpreg/candidates", "lpreg/lowest", "loss/tokens", "loss/nonfinite_tokens",
-    "kl_cov/selected", "high_entropy/kept",
+    "kl_cov/selected", "high_entropy/kept", "perf/tokens",
 })
 MAXED = frozenset({"pg/ratio_max", "response/length_max", "mismatch/seq_max_abs_diff"})
 MINNED = frozenset({"pg/ratio_min"})
@@ -43,22 +44,29 @@ class MetricSums:
             if key in SUMMED:
                 self.sums[key] = self.sums[key] + value
             elif key in MAXED or key in MINNED:
-                pick = torch.maximum if key in MAXED else torch.minimum
-                old = self.extremes.get(key)
-                if old is None:
-                    self.extremes[key] = value
-                elif isinstance(old, torch.Tensor) or isinstance(value, torch.Tensor):
-                    self.extremes[key] = pick(torch.as_tensor(old, dtype=torch.float64),
-                                              torch.as_tensor(value, dtype=torch.float64))
-                else:
-                    self.extremes[key] = max(old, value) if key in MAXED else min(old, value)
-            elif isinstance(weight, torch.Tensor):
+                self._extreme(key, value)
+            elif isinstance(weight, torch.Tensor) or isinstance(value, torch.Tensor):
+                device = (value if isinstance(value, torch.Tensor) else weight).device
+                w, v = (torch.as_tensor(x, dtype=torch.float64, device=device) for x in (weight, value))
+                if key in OPTIONAL_METRICS:  # NaN: this micro-batch has none (the float path omits the key)
+                    w = torch.where(torch.isnan(v), torch.zeros_like(w), w)
                 # A zero weight must not let a NaN value in (a micro-batch with no tokens).
-                self.sums[key] = self.sums[key] + torch.where(weight > 0, value * weight, torch.zeros_like(weight))
-                self.weights[key] = self.weights[key] + weight
+                self.sums[key] = self.sums[key] + torch.where(w > 0, v * w, torch.zeros_like(w))
+                self.weights[key] = self.weights[key] + w
             elif weight > 0:
                 self.sums[key] = self.sums[key] + value * weight
                 self.weights[key] = self.weights[key] + weight
+
+    def _extreme(self, key: str, value) -> None:
+        old = self.extremes.get(key)
+        if old is None:
+            self.extremes[key] = value
+        elif isinstance(old, torch.Tensor) or isinstance(value, torch.Tensor):
+            pick = torch.maximum if key in MAXED else torch.minimum
+            device = (value if isinstance(value, torch.Tensor) else old).device
+            self.extremes[key] = pick(*(torch.as_tensor(x, dtype=torch.float64, device=device) for x in (old, value)))
+        else:
+            self.extremes[key] = max(old, value) if key in MAXED else min(old, value)
 
     def merge(self, other: "MetricSums") -> None:
         for key, value in other.sums.items():
@@ -66,11 +74,7 @@ class MetricSums:
         for key, value in other.weights.items():
             self.weights[key] = self.weights[key] + value
         for key, value in other.extremes.items():
-            if key in self.extremes:
-                pick = max if key in MAXED else min
-                self.extremes[key] = pick(float(self.extremes[key]), float(value))
-            else:
-                self.extremes[key] = value
+            self._extreme(key, value)
 
     def host(self) -> "MetricSums":
         """A copy with every value a float: one device-to-host transfer for all of them."""

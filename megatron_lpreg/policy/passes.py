@@ -8,10 +8,16 @@ proxy costs one extra partition sum and all-reduce, not a second pass. With a re
 
 ``train``: the mini-batch updates. Micro-batches are formed by a token budget; each micro-batch
 loss is weighted so the accumulated gradient is that of the whole mini-batch's loss (verl's
-dynamic-batch weighting), and the optimiser averages it over data-parallel ranks.
+dynamic-batch weighting), and the optimiser averages it over data-parallel ranks. On-policy
+(``on_policy_scores``: one mini-batch, one epoch, nothing that must see the whole batch's
+log-probs before the first update) ``train`` takes the old log-probs, proxy and entropies from its
+own forward, detached, and the separate pass is not run: the weights have not moved yet, so they
+are the numbers that pass would give (TRL and verl do the same).
 
-Results stay on the device: scores are flat [R] tensors in the batch's response order, metrics
-0-d tensors summed into a MetricSums that the step reduces once.
+Only the positions that predict a response token go through the LM head and the vocabulary-wide
+statistics (the decoder still sees every token). Results stay on the device: scores are flat [R]
+tensors in the batch's response order, metrics 0-d tensors summed into a MetricSums that the step
+reduces once.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 from megatron_lpreg import faults
 from megatron_lpreg.grpo.mismatch import tis_weights
 from megatron_lpreg.loss import (
-    LpRegConfig, lp_reg_policy_loss, selection_thresholds, vocab_parallel_forward_kl_to_proxy,
+    LpRegConfig, lp_reg_policy_loss_tensors, selection_thresholds, vocab_parallel_forward_kl_to_proxy,
     vocab_parallel_reverse_kl_to_proxy, vocab_parallel_token_stats,
 )
 from megatron_lpreg.model.build import model_logits
@@ -31,6 +37,7 @@ from megatron_lpreg.parallel import group_or_none
 from megatron_lpreg.policy.batching import MicroBatch, RolloutBatch, microbatch, token_budget_microbatches
 from megatron_lpreg.policy.metric_sums import MetricSums
 from megatron_lpreg.policy.packing import pack_rows, token_budget_packs
+from megatron_lpreg.policy.throughput import Stopwatch
 
 
 @dataclass
@@ -60,6 +67,27 @@ class Scores:
     kept_mass: torch.Tensor | None = None  # Lp-Reg: M = pi_old(K) of the min-p proxy
     ref_logprobs: torch.Tensor | None = None
 
+    @classmethod
+    def empty(cls, tokens: int, device, loss_cfg: LpRegConfig, reference: bool = False) -> "Scores":
+        zeros = lambda: torch.zeros(tokens, dtype=torch.float32, device=device)  # noqa: E731
+        return cls(zeros(), zeros(), zeros() if loss_cfg.enabled else torch.full((tokens,), float("-inf"), device=device),
+                   zeros() if loss_cfg.enabled else None, zeros() if reference else None)
+
+    def write(self, mb: MicroBatch, stats, proxy: bool) -> None:
+        """A micro-batch's per-response-token stats (compact [R_mb]) into their flat places."""
+        mb.scatter(self.old_logprobs, stats.logprobs.detach())
+        mb.scatter(self.entropy, stats.entropy.detach())
+        if proxy:
+            mb.scatter(self.proxy_logprobs, stats.proxy_logprobs)
+            mb.scatter(self.kept_mass, stats.kept_mass)
+
+
+def on_policy_scores(loss_cfg: LpRegConfig, *, num_minibatches: int, epochs: int, ref_model, mask_seq_abs_diff) -> bool:
+    """Whether ``train``'s own forward can give the old log-probs (no separate pass needed)."""
+    batch_scope = loss_cfg.enabled and loss_cfg.percentile_scope != "microbatch"
+    return (num_minibatches == 1 and epochs == 1 and not batch_scope and ref_model is None
+            and mask_seq_abs_diff is None)
+
 
 def microbatches(pc: PolicyContext, batch: RolloutBatch, indices: list[int]):
     """The micro-batches of sequences ``indices`` by the token budget; packed rows when packing."""
@@ -77,17 +105,14 @@ def microbatches(pc: PolicyContext, batch: RolloutBatch, indices: list[int]):
         yield mb
 
 
-def _forward(pc: PolicyContext, mb: MicroBatch, model=None):
-    """(vocab-sharded logits, their targets) of ``model`` (default: the policy): the packed rows'
-    when packing, whose per-token results ``_unpack`` maps back to the [B, S] layout."""
+def _response_logits(pc: PolicyContext, mb: MicroBatch, model=None) -> torch.Tensor:
+    """Vocab-sharded logits [R_mb, V_local] of ``model`` (default: the policy) at the positions that
+    predict the micro-batch's response tokens, in the batch's response order."""
     model = pc.model if model is None else model
     if mb.packed is None:
-        return model_logits(model, mb.tokens), mb.targets
-    return model_logits(model, mb.packed.tokens, mb.packed.attention_mask), mb.packed.targets
-
-
-def _unpack(mb: MicroBatch, values):
-    return values if mb.packed is None or values is None else mb.packed.unpack(values)
+        return model_logits(model, mb.tokens, positions=mb.response_index)
+    return model_logits(model, mb.packed.tokens, mb.packed.attention_mask,
+                        positions=mb.packed.index.reshape(-1)[mb.response_index])
 
 
 @torch.no_grad()
@@ -95,42 +120,29 @@ def recompute_logprobs(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCo
     """Old log-probs, entropies and, for Lp-Reg, the proxy log-probs and kept masses of every
     response token; with a reference model, its log-probs too."""
     pc.model.eval()
-    empty = lambda: torch.zeros(batch.response_tokens, dtype=torch.float32, device=pc.device)  # noqa: E731
-    out = {"old_logprobs": empty(), "entropy": empty()}
-    if loss_cfg.enabled:
-        out["proxy_logprobs"], out["kept_mass"] = empty(), empty()
-    if pc.ref_model is not None:
-        out["ref_logprobs"] = empty()
+    scores = Scores.empty(batch.response_tokens, pc.device, loss_cfg, reference=pc.ref_model is not None)
     for mb in microbatches(pc, batch, list(range(len(batch)))):
-        logits, targets = _forward(pc, mb)
+        targets = mb.response_targets()
         stats = vocab_parallel_token_stats(
-            logits, targets, group=pc.tp_group, vocab_size=pc.vocab_size, entropy=True,
-            proxy=loss_cfg.enabled, kappa=loss_cfg.kappa, threshold=loss_cfg.threshold, inplace=True,
-        )
-        del logits
-        fields = {"old_logprobs": stats.logprobs, "entropy": stats.entropy}
-        if loss_cfg.enabled:
-            fields["proxy_logprobs"], fields["kept_mass"] = stats.proxy_logprobs, stats.kept_mass
+            _response_logits(pc, mb), targets, group=pc.tp_group, vocab_size=pc.vocab_size, entropy=True,
+            proxy=loss_cfg.enabled, kappa=loss_cfg.kappa, threshold=loss_cfg.threshold, inplace=True)
+        scores.write(mb, stats, proxy=loss_cfg.enabled)
         if pc.ref_model is not None:
-            ref_logits, _ = _forward(pc, mb, pc.ref_model)
-            fields["ref_logprobs"] = vocab_parallel_token_stats(
-                ref_logits, targets, group=pc.tp_group, vocab_size=pc.vocab_size, entropy=False,
-                proxy=False, inplace=True).logprobs
-            del ref_logits
-        for name, values in fields.items():
-            mb.scatter(out[name], _unpack(mb, values))
-    if not loss_cfg.enabled:
-        out["proxy_logprobs"] = torch.full_like(out["old_logprobs"], float("-inf"))
-    return Scores(**out)
+            ref = vocab_parallel_token_stats(
+                _response_logits(pc, mb, pc.ref_model), targets, group=pc.tp_group, vocab_size=pc.vocab_size,
+                entropy=False, proxy=False, inplace=True)
+            mb.scatter(scores.ref_logprobs, ref.logprobs)
+    return scores
 
 
-def _exact_kl(pc: PolicyContext, logits: torch.Tensor, loss_cfg: LpRegConfig, packed=None):
+def _exact_kl(pc: PolicyContext, logits: torch.Tensor, mb: MicroBatch, loss_cfg: LpRegConfig):
     """exact_kl callable for kl=forward/reverse: computes only the selected rows. The proxy comes
     from the current logits, detached: pi_old itself on the first (on-policy) mini-batch."""
     fn = vocab_parallel_forward_kl_to_proxy if loss_cfg.kl == "forward" else vocab_parallel_reverse_kl_to_proxy
+    compact = mb.compact_index()
 
     def values(selected: torch.Tensor) -> torch.Tensor:
-        rows = logits[selected] if packed is None else packed.rows(logits, selected)
+        rows = logits[compact[selected]]
         return fn(rows, rows.detach(), loss_cfg.kappa, loss_cfg.threshold, group=pc.tp_group,
                   vocab_size=pc.vocab_size)
 
@@ -153,19 +165,30 @@ def _batch_thresholds(pc: PolicyContext, batch: RolloutBatch, rows: list[int], l
     return selection_thresholds(old[None], adv[None], mask[None], loss_cfg, group=pc.dp_group)
 
 
+@dataclass
+class TrainResult:
+    metrics: MetricSums
+    steps: list  # one optimiser StepResult per mini-batch and epoch
+    seconds: dict[str, float]  # time/train/forward, /backward, /optimizer
+    scores: Scores | None = None  # from the training forward, when asked to (on-policy)
+
+
 def train(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimizer, *, num_minibatches: int,
-          epochs: int, tis_cap: float | None = None) -> tuple[MetricSums, list]:
+          epochs: int, tis_cap: float | None = None, scores_from_forward: bool = False) -> TrainResult:
     """``epochs`` passes of ``num_minibatches`` optimiser steps over ``batch`` (this DP rank's
-    share); returns the loss metrics and each optimiser step's result. ``tis_cap``: truncated
-    importance sampling against the engine's log-probs (``batch.engine_logprobs``), None = off.
-    Sequences ``batch.trainable`` drops count nowhere (tokens, percentiles)."""
+    share). ``tis_cap``: truncated importance sampling against the engine's log-probs
+    (``batch.engine_logprobs``), None = off. Sequences ``batch.trainable`` drops count nowhere
+    (tokens, percentiles). ``scores_from_forward`` (only where ``on_policy_scores`` allows it): the
+    batch has no old log-probs yet; the training forward gives them, and ``TrainResult.scores``."""
     if tis_cap is not None and batch.engine_logprobs is None:
         raise ValueError("tis_cap needs the engine's log-probs (RolloutBatch.engine_logprobs)")
+    if scores_from_forward and (num_minibatches != 1 or epochs != 1):
+        raise ValueError("scores_from_forward needs one mini-batch and one epoch (on_policy_scores)")
     pc.model.train()
-    metrics = MetricSums()
-    steps = []
-    need_entropy = loss_cfg.entropy_coef > 0 or loss_cfg.high_entropy_fraction < 1.0
-    current_proxy = loss_cfg.enabled and loss_cfg.proxy_source == "current"
+    metrics, steps, clock = MetricSums(), [], Stopwatch(pc.device)
+    scores = Scores.empty(batch.response_tokens, pc.device, loss_cfg) if scores_from_forward else None
+    need_entropy = loss_cfg.entropy_coef > 0 or loss_cfg.high_entropy_fraction < 1.0 or scores_from_forward
+    want_proxy = loss_cfg.enabled and (loss_cfg.proxy_source == "current" or scores_from_forward)
     dp_group = group_or_none(pc.dp_group)
     for _ in range(epochs):
         for mini in _minibatches(len(batch), num_minibatches):
@@ -178,35 +201,41 @@ def train(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimiz
                     torch.distributed.all_reduce(t, group=dp_group)
                 global_tokens = max(int(t.item()), 1)
             for mb in microbatches(pc, batch, mini):
-                logits, targets = _forward(pc, mb)
-                exact_kl = _exact_kl(pc, logits, loss_cfg, mb.packed) if loss_cfg.enabled and loss_cfg.kl != "k3" \
-                    else None
+                clock.start()
+                logits = _response_logits(pc, mb)
+                exact_kl = _exact_kl(pc, logits, mb, loss_cfg) if loss_cfg.enabled and loss_cfg.kl != "k3" else None
                 stats = vocab_parallel_token_stats(
-                    logits, targets, group=pc.tp_group, vocab_size=pc.vocab_size,
-                    entropy=need_entropy, proxy=current_proxy, kappa=loss_cfg.kappa,
-                    threshold=loss_cfg.threshold, inplace=exact_kl is None,
-                )
-                old = mb.field("old_logprobs")
-                # proxy_source=current: pi_proxy from pi_theta's logits as they are now (no grad).
-                proxy = _unpack(mb, stats.proxy_logprobs) if current_proxy else mb.field("proxy_logprobs")
+                    logits, mb.response_targets(), group=pc.tp_group, vocab_size=pc.vocab_size,
+                    entropy=need_entropy, proxy=want_proxy, kappa=loss_cfg.kappa,
+                    threshold=loss_cfg.threshold, inplace=exact_kl is None)
+                if scores is not None:
+                    scores.write(mb, stats, proxy=loss_cfg.enabled)
+                    old = mb.expand(stats.logprobs.detach())
+                else:
+                    old = mb.field("old_logprobs")
+                # proxy_source=current (and on-policy): pi_proxy from pi_theta's logits as they are now.
+                proxy = mb.expand(stats.proxy_logprobs) if want_proxy else mb.field("proxy_logprobs")
                 tokens = mb.loss_mask.sum()
                 pg_weight = None
                 if tis_cap is not None:
                     pg_weight, tis = tis_weights(old, mb.field("engine_logprobs"), mb.loss_mask, tis_cap)
                     metrics.add(tis, weight=tokens)
-                loss, m = lp_reg_policy_loss(
-                    _unpack(mb, stats.logprobs), old, proxy, mb.advantages, mb.loss_mask, loss_cfg, exact_kl,
-                    entropy=_unpack(mb, stats.entropy), thresholds=thresholds, global_tokens=global_tokens,
-                    ref_logprobs=mb.field("ref_logprobs"), pg_weight=pg_weight,
-                )
+                loss, m = lp_reg_policy_loss_tensors(
+                    mb.expand(stats.logprobs), old, proxy, mb.advantages, mb.loss_mask, loss_cfg, exact_kl,
+                    entropy=mb.expand(stats.entropy) if stats.entropy is not None else None, thresholds=thresholds,
+                    global_tokens=global_tokens, ref_logprobs=mb.field("ref_logprobs"), pg_weight=pg_weight)
                 if loss_cfg.loss_agg == "global_token_mean":
                     weight = float(pc.dp_size)  # the optimiser averages over DP; the sum is wanted
                 else:
                     weight = len(mb.rows) / len(mini)
+                clock.lap("time/train/forward")
                 (loss * weight).backward()
+                clock.lap("time/train/backward")
                 faults.point("train")
                 metrics.add(m, weight=tokens)
                 metrics.add({"loss/policy": loss.detach()}, weight=len(mb.rows))
             faults.point("optimizer", tensors=lambda: [p.grad for p in pc.model.parameters()])
+            clock.start()
             steps.append(optimizer.step())
-    return metrics, steps
+            clock.lap("time/train/optimizer")
+    return TrainResult(metrics, steps, clock.seconds, scores)

@@ -159,7 +159,13 @@ def test_microbatch_random_invariants_and_scatter_roundtrip(seed):
             assert mb.targets[row][mask].tolist() == responses[i]  # response tokens (>= 100) only
             assert old_bs[row][mask].tolist() == [float(t) for t in responses[i]]
             assert (old_bs[row][~mask] == 0).all()
-        mb.scatter(out, mb.targets.float())  # the pass's per-position results land in flat order
+        compact = mb.response_targets()
+        # Compact values round-trip through the padded layout and land in the batch's flat order.
+        assert torch.equal(mb.expand(compact.float()).reshape(-1)[mb.response_index], compact.float())
+        index = mb.compact_index().reshape(-1)
+        assert torch.equal(index[mb.response_index], torch.arange(compact.numel()))
+        assert (index >= 0).sum() == compact.numel()
+        mb.scatter(out, compact.float())
     assert out.tolist() == [float(t) for r in responses for t in r]
 
 
