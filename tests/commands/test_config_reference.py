@@ -7,7 +7,7 @@ from pathlib import Path
 
 from megatron_lpreg.config_reference import _SECTIONS, field_comments, reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_committed_reference_is_current():
