@@ -206,3 +206,8 @@ def test_prompts_not_divisible_by_dp_is_reported(capsys):
     rc, out = run_plan(capsys, "--model", "smollm2-135m", "--nodes", "3", "--tp", "1", "grpo.prompts_per_step=256",
                        "grpo.mini_batch_prompts=256")
     assert rc == 3 and "not divisible by dp=24" in out
+
+
+def test_recompute_is_what_the_model_builder_builds():
+    with pytest.raises(ValueError, match=r"recompute='selective': expected one of \['none', 'full'\]"):
+        memory_plan.estimate(spec("qwen3-14b"), tp=8, dp=8, **{**PAPER, "recompute": "selective"})
