@@ -4,9 +4,10 @@
 
 Defaults are the published Lp-Reg settings (LP_REG.md section 6); a YAML file only states what
 differs. Every value is checked against its field's type when loaded, and a bad key or value is an
-error naming the file, the line and the dotted key. ``loss`` is :class:`~megatron_lpreg.loss.LpRegConfig`
-plus ``loss.preset`` (``grpo``, ``clip_higher``, ``gspo``, ...: the baseline's fields, then the
-file's own ``loss`` fields on top).
+error naming the file, the line and the dotted key. ``loss`` is :class:`LossConfig`:
+:class:`~megatron_lpreg.loss.LpRegConfig` plus ``loss.preset`` (``grpo``, ``clip_higher``, ``gspo``,
+...: the baseline's fields, then the file's own ``loss`` fields on top). The preset's name is kept,
+so the resolved config.yaml of a run says which loss it trained with.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Any
 import yaml
 
 from megatron_lpreg.loss.config import PRESETS, LpRegConfig
+from megatron_lpreg.model.build import RECOMPUTE
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "check_inputs", "DataConfig", "GRPOConfig", "LoggingConfig",
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "GRPOConfig", "LoggingConfig", "LossConfig",
     "MismatchConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RewardConfig", "RolloutConfig",
     "ValidationConfig", "config_to_dict", "load_config", "save_config",
 ]
@@ -145,6 +147,12 @@ class ValidationConfig:
 
 
 @dataclass
+class LossConfig(LpRegConfig):
+    # Shadows LpRegConfig.preset (the classmethod) on this class: build one with load_config.
+    preset: str = "lp_reg"  # the baseline whose fields the section starts from (table below)
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 64  # steps; 0 = only at the end
     resume: str = "auto"  # auto: latest complete checkpoint in run_dir/checkpoints | never | a path
@@ -172,7 +180,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mismatch: MismatchConfig = field(default_factory=MismatchConfig)
-    loss: LpRegConfig = field(default_factory=LpRegConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -180,7 +188,7 @@ class Config:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.recompute": ("none", "full"),
+    "model.recompute": RECOMPUTE,
     "data.template": ("r1_zero", "chat", "raw"),
     "data.on_error": ("raise", "skip"),
     "rollout.engine": ("auto", "hf", "vllm"),
@@ -326,7 +334,7 @@ def _merge(raw: dict, values: dict[str, dict], sources: dict[str, _Source], sour
         if not isinstance(body, dict):
             raise ConfigError(f"{source.where(section)}: expected a mapping of {section} settings, got {body!r}")
         cls = _hints(Config)[section]
-        known = set(_fields(cls)) | ({"preset"} if section == "loss" else set())
+        known = set(_fields(cls))
         for key, value in body.items():
             dotted = f"{section}.{key}"
             if key not in known:
@@ -358,18 +366,14 @@ def _build_section(section: str, cls, given: dict, sources: dict[str, _Source]):
     hints = _hints(cls)
     kwargs = {}
     for key, value in given.items():
-        if key == "preset":
-            continue
         dotted = f"{section}.{key}"
         kwargs[key] = _coerce(value, hints[key], sources[dotted].where(dotted))
-    if section == "loss":
-        preset = given.get("preset", "lp_reg")
-        if preset not in PRESETS:
-            where = sources["loss.preset"].where("loss.preset")
-            raise ConfigError(f"{where}: unknown preset {preset!r}; known: {sorted(PRESETS)}")
-        kwargs = {**PRESETS[preset], **kwargs}
     try:
+        if cls is LossConfig:
+            return _loss_section(kwargs, sources)
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except ValueError as e:
         keys = [k for k in given if k != "preset"]
         # The dataclass names the bad field in its message: point at that key's line when it was given.
@@ -379,6 +383,16 @@ def _build_section(section: str, cls, given: dict, sources: dict[str, _Source]):
             raise ConfigError(f"{sources[dotted].where(dotted)}: {e}") from None
         where = sources[f"{section}.{keys[0]}"].name if keys else "config"
         raise ConfigError(f"{where}: {section}: {e}") from None
+
+
+def _loss_section(kwargs: dict, sources: dict[str, _Source]) -> LossConfig:
+    """The preset's fields under the given ones, applied by LpRegConfig.preset (the one place)."""
+    preset = kwargs.pop("preset", LossConfig.preset)
+    if preset not in PRESETS:
+        raise ConfigError(f"{sources['loss.preset'].where('loss.preset')}: unknown preset {preset!r}; "
+                          f"known: {sorted(PRESETS)}")
+    resolved = LpRegConfig.preset(preset, **kwargs)
+    return LossConfig(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(resolved)}, preset=preset)
 
 
 def _check(cfg: Config, sources: dict[str, _Source]) -> None:
@@ -438,21 +452,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return cfg
 
 
-def check_inputs(cfg: Config) -> None:
-    """The model directory and prompt files a run reads exist (before any rank or model starts)."""
-    model = Path(cfg.model.path)
-    if not cfg.model.path or not model.is_dir():
-        raise ConfigError(f"model.path: {cfg.model.path or '(not set)'} is not a directory (a HF model directory is expected)")
-    if not (model / "config.json").is_file():
-        raise ConfigError(f"model.path: {model} has no config.json (a HF model directory is expected)")
-    if not cfg.data.train_files:
-        raise ConfigError("data.train_files: no training prompt files given")
-    for key, files in (("data.train_files", cfg.data.train_files), ("validation.files", cfg.validation.files)):
-        for name in files:
-            if not Path(name).is_file():
-                raise ConfigError(f"{key}: {name} does not exist")
-
-
 def config_to_dict(cfg: Config) -> dict:
     """Plain nested dict (tuples as lists) for YAML, JSON and wandb."""
     def plain(v):
@@ -464,7 +463,18 @@ def config_to_dict(cfg: Config) -> dict:
             return "inf"
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    out = plain(dataclasses.asdict(cfg))
+    out["loss"] = {"preset": out["loss"].pop("preset"), **out["loss"]}  # first: the fields below refine it
+    return out
+
+
+def __getattr__(name):
+    # check_inputs moved to megatron_lpreg.inputs; grpo/trainer.py imports it from here until the merge.
+    if name == "check_inputs":
+        from megatron_lpreg.inputs import check_inputs
+
+        return check_inputs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import yaml
 
 from megatron_lpreg.config import ConfigError, load_config, parse_override, save_config
 
@@ -68,3 +69,12 @@ def test_override_values_are_yaml():
 def test_missing_file():
     with pytest.raises(ConfigError, match="nope.yaml: cannot read config file"):
         load_config("nope.yaml")
+
+
+def test_resolved_config_keeps_the_loss_preset(tmp_path):
+    cfg = load_config(None, ["loss.preset=gspo", "loss.eps_high=0.001"])
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["loss"]["preset"] == "gspo" and saved["loss"]["eps_high"] == 0.001
+    again = load_config(tmp_path / "config.yaml")  # a run's config.yaml loads back as it was
+    assert again.loss == cfg.loss

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lpreg import plan
+from megatron_lpreg.commands import plan
 from megatron_lpreg.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,10 +20,10 @@ from typing import Callable
 
 import pytest
 
-from megatron_lpreg.cli import USER_ERRORS
+from megatron_lpreg.commands import USER_ERRORS
 from megatron_lpreg.config import load_config
 from megatron_lpreg.data import load_prompt_dataset
-from megatron_lpreg.preflight import check_run
+from megatron_lpreg.commands.preflight import check_run
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD_ROW = {"prompt": [{"role": "user", "content": "1+1?"}], "data_source": "arith",

@@ -281,7 +281,7 @@ def test_grpo_steps_with_vllm_engine(tmp_path, monkeypatch):
 
 def _verify_body(ctx, directory):
     from megatron_lpreg.config import load_config
-    from megatron_lpreg.verify_refit import check
+    from megatron_lpreg.commands.verify_refit import check
 
     cfg = load_config(None, [f"model.path={directory}", f"parallel.tp={ctx.tp_size}", "rollout.engine=vllm",
                              "model.dtype=float32"])
@@ -289,7 +289,7 @@ def _verify_body(ctx, directory):
 
 
 def test_verify_refit_with_vllm_engine(model_dirs):
-    from megatron_lpreg.verify_refit import DEFAULT_THRESHOLD
+    from megatron_lpreg.commands.verify_refit import DEFAULT_THRESHOLD
 
     # One rank: vLLM runs in-process (a multi-rank world puts it in processes of its own, which
     # test_live_refit_from_tp2_shards_matches_megatron covers). No tokenizer: seeded prompts.

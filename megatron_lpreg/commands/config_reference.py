@@ -1,6 +1,6 @@
 """The configuration reference (docs/configuration.md), generated from the dataclasses.
 
-    python -m megatron_lpreg.config_reference > docs/configuration.md
+    megatron-lpreg config-reference > docs/configuration.md
 
 Each field's description is its comment in the source (the comment at the end of its line, or the
 comment lines just above it), so the reference cannot drift from the code: a test regenerates it and
@@ -20,13 +20,13 @@ from megatron_lpreg import config as config_module
 from megatron_lpreg.loss import config as loss_config_module
 from megatron_lpreg.loss.config import PRESETS, LpRegConfig
 
-__all__ = ["field_comments", "reference"]
+__all__ = ["add_arguments", "field_comments", "reference", "run"]
 
 _INTRO = """\
 # Configuration reference
 
 Generated from the dataclasses in `megatron_lpreg/config.py` and `megatron_lpreg/loss/config.py`
-by `python -m megatron_lpreg.config_reference`; do not edit by hand.
+by `megatron-lpreg config-reference`; do not edit by hand.
 
 A run configuration is a YAML file of these sections; it states only what differs from the
 defaults, which are the published Lp-Reg settings. `key=value` arguments override it with dotted
@@ -38,9 +38,18 @@ configuration is written to `run_dir/config.yaml`.
 
 
 def field_comments(cls) -> dict[str, str]:
-    """Field name -> its comment: the one ending its line, else the comment lines right above it."""
-    source = inspect.getsource(cls)
+    """Field name -> its comment: the one ending its line, else the comment lines right above it
+    (a field a subclass redeclares takes the subclass's)."""
     names = {f.name for f in dataclasses.fields(cls)}
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            comments.update(_own_field_comments(klass, names))
+    return comments
+
+
+def _own_field_comments(cls, names: set[str]) -> dict[str, str]:
+    source = inspect.getsource(cls)
     comments: dict[str, str] = {}
     pending: list[str] = []  # comment lines seen since the last statement
     line_tokens: list[tokenize.TokenInfo] = []
@@ -136,15 +145,20 @@ def reference() -> str:
         if not dataclasses.is_dataclass(section):  # run_dir: in the top-level table
             continue
         lines += ["", f"## `{f.name}`", ""]
-        if section is LpRegConfig:
+        if issubclass(section, LpRegConfig):
             lines += ["The policy loss (`LpRegConfig`, LP_REG.md). `loss.preset: NAME` starts from a baseline's "
                       "fields (table below); the section's other keys apply on top.", ""]
-            lines += _table(section, "loss.", loss_config_module._CHOICES)
+            lines += _table(section, "loss.", {**loss_config_module._CHOICES, "preset": tuple(PRESETS)})
             lines += ["", *_presets()]
         else:
             lines += _table(section, f"{f.name}.", config_module._CHOICES)
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
+def add_arguments(p) -> None:
+    pass
+
+
+def run(args) -> int:
     print(reference(), end="")
+    return 0

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from megatron_lpreg import plan
+from megatron_lpreg import memory_plan
+from megatron_lpreg.commands import plan
 from megatron_lpreg.config import ConfigError
 from megatron_lpreg.model import ModelConfigError
 
@@ -32,17 +33,17 @@ def run_plan(capsys, *argv):
     ("smollm2-135m", 134.5e6),
 ])
 def test_parameter_counts_match_published_totals(name, published):
-    assert plan.count_parameters(spec(name)).total == pytest.approx(published, rel=0.01)
+    assert memory_plan.count_parameters(spec(name)).total == pytest.approx(published, rel=0.01)
 
 
-@pytest.mark.parametrize("name", list(plan.BUILTIN_MODELS))
+@pytest.mark.parametrize("name", list(memory_plan.BUILTIN_MODELS))
 def test_parameter_count_is_exactly_what_transformers_builds(name):
     transformers = pytest.importorskip("transformers")
-    raw = dict(plan.BUILTIN_MODELS[name])
+    raw = dict(memory_plan.BUILTIN_MODELS[name])
     cfg = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
-    assert plan.count_parameters(spec(name)).total == sum(p.numel() for p in model.parameters())
+    assert memory_plan.count_parameters(spec(name)).total == sum(p.numel() for p in model.parameters())
 
 
 def test_builtin_configs_parse_as_the_real_architectures():
@@ -54,7 +55,7 @@ def test_builtin_configs_parse_as_the_real_architectures():
 
 
 def test_model_from_a_config_file(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(plan.BUILTIN_MODELS["qwen3-8b"]))
+    (tmp_path / "config.json").write_text(json.dumps(memory_plan.BUILTIN_MODELS["qwen3-8b"]))
     assert plan.load_model(str(tmp_path))[1] == spec("qwen3-8b")
     with pytest.raises(ConfigError, match="not a built-in"):
         plan.load_model("qwen9-1t")
@@ -63,11 +64,11 @@ def test_model_from_a_config_file(tmp_path):
 @pytest.mark.parametrize("name", ["qwen2.5-32b", "qwen3-14b"])
 def test_tensor_parallel_shards_the_weights(name):
     s = spec(name)
-    one = plan.estimate(s, tp=1, dp=64, **PAPER)
-    eight = plan.estimate(s, tp=8, dp=8, **PAPER)
+    one = memory_plan.estimate(s, tp=1, dp=64, **PAPER)
+    eight = memory_plan.estimate(s, tp=8, dp=8, **PAPER)
     assert eight.weights_gib == pytest.approx(one.weights_gib / 8, rel=0.01)
     assert eight.adam_gib == pytest.approx(one.adam_gib / 8, rel=0.01)
-    count = plan.count_parameters(s, 8)
+    count = memory_plan.count_parameters(s, 8)
     # every GPU holds 1/tp of the (vocab-padded) shards and all the norm weights
     assert count.sharded * 8 + count.replicated == pytest.approx(count.total, rel=0.001)
     assert 0 < count.replicated < 1e-4 * count.total
@@ -88,7 +89,7 @@ def test_state_bytes_per_parameter_match_the_optimizer():
     resident = sum(p.nbytes for p in model.parameters()) + sum(m.nbytes for m in opt.masters)
     resident += sum(t.nbytes for st in opt.optimizer.state.values() for k, t in st.items() if k != "step")
     assert (resident / n, grads / n) == (14, 2)
-    est = plan.estimate(spec("smollm2-135m"), tp=1, dp=1, **PAPER)
+    est = memory_plan.estimate(spec("smollm2-135m"), tp=1, dp=1, **PAPER)
     per_param = GIB / est.params_per_gpu
     assert (est.weights_gib + est.master_gib + est.adam_gib) * per_param == pytest.approx(14)
     assert est.grads_gib * per_param == pytest.approx(2)
@@ -96,7 +97,7 @@ def test_state_bytes_per_parameter_match_the_optimizer():
 
 
 def test_peaks_add_up():
-    p = plan.estimate(spec("qwen3-14b"), tp=8, dp=8, **PAPER)
+    p = memory_plan.estimate(spec("qwen3-14b"), tp=8, dp=8, **PAPER)
     state = p.weights_gib + p.grads_gib + p.master_gib + p.adam_gib
     assert p.training_peak_gib == pytest.approx(state + p.activations_gib + p.engine_asleep_gib + p.overhead_gib)
     assert p.step_peak_gib == pytest.approx(state + p.step_temporaries_gib + p.engine_asleep_gib + p.overhead_gib)
@@ -111,28 +112,27 @@ def test_peaks_add_up():
 
 def test_full_recompute_keeps_layer_inputs_only():
     s = spec("qwen2.5-32b")
-    p = plan.estimate(s, tp=8, dp=8, **PAPER)
+    p = memory_plan.estimate(s, tp=8, dp=8, **PAPER)
     T, h = 16384, s.hidden_size
     assert p.layer_activations_gib == pytest.approx(T * (s.num_layers + 2) * h * 2 / GIB)
-    sel = plan.estimate(s, tp=8, dp=8, **{**PAPER, "recompute": "selective"})
-    none = plan.estimate(s, tp=8, dp=8, **{**PAPER, "recompute": "none"})
-    unfused = plan.estimate(s, tp=8, dp=8, **{**PAPER, "recompute": "none"}, flash_attention=False)
-    assert p.activations_gib < sel.activations_gib < none.activations_gib < unfused.activations_gib
+    none = memory_plan.estimate(s, tp=8, dp=8, **{**PAPER, "recompute": "none"})
+    unfused = memory_plan.estimate(s, tp=8, dp=8, **{**PAPER, "recompute": "none"}, flash_attention=False)
+    assert p.activations_gib < none.activations_gib < unfused.activations_gib
     assert not none.fits  # 64 layers of un-recomputed activations do not fit in 80 GiB
     # a sequence longer than the budget is a micro-batch by itself
-    long = plan.estimate(s, tp=8, dp=8, **{**PAPER, "micro_batch_tokens": 4096})
+    long = memory_plan.estimate(s, tp=8, dp=8, **{**PAPER, "micro_batch_tokens": 4096})
     assert long.activation_tokens == 10240
 
 
 def test_kv_cache_too_small_for_one_sequence_is_an_error():
-    p = plan.estimate(spec("qwen2.5-32b"), tp=8, dp=8, **{**PAPER, "gpu_memory_utilization": 0.12})
+    p = memory_plan.estimate(spec("qwen2.5-32b"), tp=8, dp=8, **{**PAPER, "gpu_memory_utilization": 0.12})
     assert p.kv_cache_tokens < p.sequence_tokens and not p.fits
     assert any("vLLM will not start" in e for e in p.errors)
 
 
 def test_heads_not_divisible_by_tp_is_a_clear_error(capsys):
     with pytest.raises(ModelConfigError, match="tp=2 does not divide num_attention_heads=9"):
-        plan.estimate(spec("smollm2-135m"), tp=2, dp=4, **PAPER)
+        memory_plan.estimate(spec("smollm2-135m"), tp=2, dp=4, **PAPER)
     with pytest.raises(ConfigError, match=r"tp=16 does not divide .*valid tp for this model: \[1, 2, 4, 8\]"):
         run_plan(capsys, "--model", "qwen2.5-32b", "--nodes", "8", "--tp", "16")
     with pytest.raises(ConfigError, match="tp=3 does not divide the 8 GPUs"):
@@ -164,8 +164,8 @@ def test_14b_fits_at_tp8_and_tp4_says_what_to_change(capsys):
 
 def test_distributed_optimizer_shards_master_and_moments_and_fits_32b_on_64_gpus(capsys):
     s = spec("qwen2.5-32b")
-    full = plan.estimate(s, tp=8, dp=8, **PAPER)
-    dist = plan.estimate(s, tp=8, dp=8, **{**PAPER, "distributed_optimizer": True})
+    full = memory_plan.estimate(s, tp=8, dp=8, **PAPER)
+    dist = memory_plan.estimate(s, tp=8, dp=8, **{**PAPER, "distributed_optimizer": True})
     assert (dist.master_gib, dist.adam_gib) == pytest.approx((full.master_gib / 8, full.adam_gib / 8))
     assert dist.weights_gib == full.weights_gib and dist.grads_gib == full.grads_gib
     assert dist.step_temporaries_gib == pytest.approx(full.step_temporaries_gib * (4 + 4 / 8) / 8)
@@ -206,3 +206,8 @@ def test_prompts_not_divisible_by_dp_is_reported(capsys):
     rc, out = run_plan(capsys, "--model", "smollm2-135m", "--nodes", "3", "--tp", "1", "grpo.prompts_per_step=256",
                        "grpo.mini_batch_prompts=256")
     assert rc == 3 and "not divisible by dp=24" in out
+
+
+def test_recompute_is_what_the_model_builder_builds():
+    with pytest.raises(ValueError, match=r"recompute='selective': expected one of \['none', 'full'\]"):
+        memory_plan.estimate(spec("qwen3-14b"), tp=8, dp=8, **{**PAPER, "recompute": "selective"})

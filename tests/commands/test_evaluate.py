@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.grpo.tiny_run import make_data, make_policy_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _evaluate(ckpt, data, out):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from megatron_lpreg.config_reference import _SECTIONS, field_comments, reference
+from megatron_lpreg.commands.config_reference import _SECTIONS, field_comments, reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_committed_reference_is_current():
     committed = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
-    assert committed == reference(), "regenerate: python -m megatron_lpreg.config_reference > docs/configuration.md"
+    assert committed == reference(), "regenerate: megatron-lpreg config-reference > docs/configuration.md"
 
 
 def test_every_field_has_a_description():

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from megatron_lpreg.config import ConfigError, DataConfig, ValidationConfig
+from megatron_lpreg.config import ConfigError, DataConfig, ValidationConfig, load_config
 
 
 def add_arguments(p) -> None:
@@ -43,31 +43,28 @@ def _samples(text: str) -> dict[str, int]:
 
 def load_engine(ckpt: Path):
     """(engine, tokenizer directory) for a HF directory or a megatron-lpreg checkpoint."""
-    import torch
-
     from megatron_lpreg import checkpointing
-    from megatron_lpreg.rollout.hf_engine import HFEngine
 
     if not checkpointing.is_complete(ckpt):
         if not (ckpt / "config.json").exists():
             raise ConfigError(f"--ckpt {ckpt}: neither a HF model directory nor a complete megatron-lpreg checkpoint")
+        from megatron_lpreg.rollout.hf_engine import HFEngine
+
         return HFEngine.from_pretrained(ckpt), ckpt
-    from transformers import AutoConfig
-
     from megatron_lpreg.model import parse_hf_config
-    from megatron_lpreg.model.build import build_gpt_model
     from megatron_lpreg.parallel import init_distributed
-    from megatron_lpreg.weights.refit import stream_hf_weights
+    from megatron_lpreg.policy.setup import load_policy
+    from megatron_lpreg.rollout.build import EngineRefit, build_rollout_engine
 
+    # The checkpoint's weights reach a weightless engine as in training: a TP=1 policy, one refit.
     hf = ckpt / checkpointing.HF_DIR
+    cfg = load_config(None, [f"model.path={hf}", f"model.load={ckpt}", "model.dtype=float32", "model.use_te=false",
+                             "rollout.engine=hf"])
     ctx = init_distributed(1)
     spec = parse_hf_config(hf)
-    model = build_gpt_model(spec, torch.float32, use_te=False)
-    checkpointing.load_model(model, ckpt)
-    engine = HFEngine.from_config(AutoConfig.from_pretrained(hf))
-    for bucket in stream_hf_weights(model, spec, tp_group=ctx.tp_group):
-        engine.update_weights(bucket)
-    del model
+    model = load_policy(cfg.model, spec, tp_rank=0, tp_size=1)
+    engine = build_rollout_engine(cfg, hf, spec.max_position_embeddings, None, seed=0)
+    EngineRefit(cfg, engine, ctx.tp_group, ctx.device)(model, spec)
     return engine, hf
 
 
@@ -75,19 +72,26 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     from megatron_lpreg.data import encode_prompts, load_prompt_dataset
-    from megatron_lpreg.grpo.trainer import stop_token_ids
     from megatron_lpreg.grpo.validation import validate
+    from megatron_lpreg.parallel import destroy_distributed
     from megatron_lpreg.rewards import RewardPool
+    from megatron_lpreg.rollout.engine import stop_token_ids
 
     vcfg = ValidationConfig(samples=_samples(args.samples), sampled_temperature=args.temperature)
-    engine, tok_dir = load_engine(Path(args.ckpt))
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    records = load_prompt_dataset(args.data, max_samples=args.max_samples)
-    prompt_ids, _ = encode_prompts(list(records), tokenizer, args.template, args.max_prompt_len)
-    with RewardPool(args.reward_workers) as pool:
-        scores = validate(engine, pool, tokenizer, records, prompt_ids, vcfg, max_tokens=args.max_tokens,
-                          stop_ids=stop_token_ids(tokenizer, Path(tok_dir)), seed=args.seed, dp_rank=0,
-                          dp_size=1, dp_group=None, on_engine_rank=True)
+    try:
+        engine, tok_dir = load_engine(Path(args.ckpt))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            records = load_prompt_dataset(args.data, max_samples=args.max_samples)
+            prompt_ids, _ = encode_prompts(list(records), tokenizer, args.template, args.max_prompt_len)
+            with RewardPool(args.reward_workers) as pool:
+                scores = validate(engine, pool, tokenizer, records, prompt_ids, vcfg, max_tokens=args.max_tokens,
+                                  stop_ids=stop_token_ids(tokenizer, Path(tok_dir)), seed=args.seed, dp_rank=0,
+                                  dp_size=1, dp_group=None, on_engine_rank=True)
+        finally:
+            engine.close()
+    finally:
+        destroy_distributed()
     width = max(len(k) for k in scores)
     for key, value in scores.items():
         print(f"{key:<{width}}  {value:.4f}")

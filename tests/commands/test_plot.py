@@ -1,4 +1,4 @@
-"""``megatron_lpreg.plot``: figures and comparison.md from run directories' metrics.jsonl."""
+"""``megatron-lpreg plot``: figures and comparison.md from run directories' metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_lpreg import plot
-from megatron_lpreg.plot import PlotError, plot_runs
+from megatron_lpreg.commands import plot
+from megatron_lpreg.commands.plot import plot_runs
+from megatron_lpreg.runs import RunError, load_run, loss_method
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 6
@@ -61,12 +62,10 @@ def _table_row(text: str, label: str) -> list[str]:
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     lp = _write_run(root / "lp_reg", val=[0.20, 0.30, 0.45, 0.40], entropy=[0.9, 0.95, 1.0, 1.05, 1.1, 1.2],
-                    lpreg=True, config={"loss": {"enabled": True, "rho": 0.01}})
+                    lpreg=True, config={"loss": {"preset": "lp_reg", "enabled": True, "rho": 0.01}})
     grpo = _write_run(root / "grpo", val=[0.20, 0.25, 0.22, 0.21], entropy=[0.9, 0.6, 0.4, 0.3, 0.2, 0.1],
-                      lpreg=False, config={"loss": {"enabled": False, "eps_low": 0.2, "eps_high": 0.2,
-                                                    "entropy_coef": 0.0, "kl_cov_ratio": 0.0,
-                                                    "ratio_level": "token", "high_entropy_fraction": 1.0,
-                                                    "loss_agg": "token_mean"}})
+                      lpreg=False, config={"loss": {"preset": "grpo", "enabled": False, "eps_low": 0.2,
+                                                    "eps_high": 0.2}})
     out = root / "plots"
     written = plot_runs([lp, grpo], out, smooth=2)
     return lp, grpo, out, written
@@ -103,7 +102,7 @@ def test_comparison_first_last_best(two_runs):
 
 def test_lines_of_one_step_are_merged(two_runs):
     lp, *_ = two_runs
-    run = plot.load_run(lp)
+    run = load_run(lp)
     steps, values = run.series["val/mean"]
     assert steps == [0, 2, 4, 6] and values == [0.20, 0.30, 0.45, 0.40]
     assert run.series["entropy/mean"][0] == [1, 2, 3, 4, 5, 6]
@@ -128,11 +127,11 @@ def test_missing_run_dir_is_a_clear_error(tmp_path, two_runs):
     lp, *_ = two_runs
     empty = tmp_path / "not_a_run"
     empty.mkdir()
-    with pytest.raises(PlotError, match="not_a_run.*metrics.jsonl"):
+    with pytest.raises(RunError, match="not_a_run.*metrics.jsonl"):
         plot_runs([lp, empty], tmp_path / "out")
-    with pytest.raises(PlotError, match="nowhere.*does not exist"):
+    with pytest.raises(RunError, match="nowhere.*does not exist"):
         plot_runs([tmp_path / "nowhere"], tmp_path / "out")
-    with pytest.raises(PlotError, match="2 labels for 1"):
+    with pytest.raises(RunError, match="2 labels for 1"):
         plot_runs([lp], tmp_path / "out", labels=["a", "b"])
 
 
@@ -148,35 +147,32 @@ def test_cli_arguments_labels_and_errors(tmp_path, two_runs, capsys):
     assert _table_row(text, "Lp-Reg")[2:5] == ["0.2000", "0.4000", "0.4500"]
     assert _table_row(text, "GRPO")[7:9] == ["0.9000", "0.1000"]
 
-    from megatron_lpreg.config import ConfigError  # what the CLI reports with exit status 2
+    from megatron_lpreg.commands import USER_ERRORS  # what the CLI reports with exit status 2
 
     args = parser.parse_args([str(tmp_path / "missing_run")])
-    with pytest.raises(ConfigError, match="missing_run"):
+    with pytest.raises(USER_ERRORS, match="missing_run"):
         plot.run(args)
 
 
 def test_equal_directory_names_are_told_apart(tmp_path):
     a = _write_run(tmp_path / "a" / "run", val=[0.1, 0.2, 0.3, 0.4], entropy=[1.0] * STEPS, lpreg=True,
-                   sources=False, config={"loss": {"enabled": True}})
+                   sources=False, config={"loss": {"preset": "lp_reg", "enabled": True}})
     b = _write_run(tmp_path / "b" / "run", val=[0.1, 0.1, 0.1, 0.1], entropy=[1.0] * STEPS, lpreg=False,
                    sources=False)
-    runs = [plot.load_run(a), plot.load_run(b)]
+    runs = [load_run(a), load_run(b)]
     plot._default_labels(runs)
     assert [r.label for r in runs] == ["run (lp_reg)", "run"]
 
 
-def test_loss_method_names_presets_and_plain_grpo():
-    from dataclasses import asdict
+def test_loss_method_is_the_saved_preset():
+    from megatron_lpreg.config import config_to_dict, load_config
 
-    from megatron_lpreg.loss.config import LpRegConfig
-    from megatron_lpreg.plot import _loss_method
+    def method(*overrides: str) -> str | None:
+        return loss_method(config_to_dict(load_config(None, list(overrides))))
 
-    def method(cfg: LpRegConfig) -> str | None:
-        return _loss_method({"loss": asdict(cfg)})
-
-    assert method(LpRegConfig()) == "lp_reg"
-    assert method(LpRegConfig.preset("gspo")) == "gspo"
-    assert method(LpRegConfig.preset("grpo")) == "grpo"
-    assert method(LpRegConfig(enabled=False)) == "grpo (clip 1.0/9.0)"
-    assert method(LpRegConfig(enabled=False, entropy_coef=0.01)) == "custom"
-    assert _loss_method({}) is None
+    assert method() == "lp_reg"
+    assert method("loss.preset=gspo") == "gspo"
+    assert method("loss.preset=grpo", "loss.eps_high=0.3") == "grpo"
+    assert method("loss.enabled=false") == "grpo (clip 1.0/9.0)"  # compare's plain GRPO
+    assert loss_method({}) is None
+    assert loss_method({"loss": {"enabled": True}}) is None  # a config.yaml from before the preset was saved

@@ -35,7 +35,7 @@ def _perturb_embedding(directory):
 
 def _body(ctx, directory):
     from megatron_lpreg.config import load_config
-    from megatron_lpreg.verify_refit import check
+    from megatron_lpreg.commands.verify_refit import check
 
     cfg = load_config(None, [f"model.path={directory}", f"parallel.tp={ctx.tp_size}", "rollout.engine=hf",
                              "model.dtype=float32"])
@@ -45,7 +45,7 @@ def _body(ctx, directory):
 
 
 def test_tp2_refit_into_hf_engine_passes_and_a_changed_weight_fails(policy):
-    from megatron_lpreg.verify_refit import DEFAULT_THRESHOLD
+    from megatron_lpreg.commands.verify_refit import DEFAULT_THRESHOLD
 
     results = run_distributed(_body, 2, 2, args=(policy,), timeout_s=300)
     assert results[1] == (None, None)  # rank 0 reports

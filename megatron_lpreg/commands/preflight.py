@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from megatron_lpreg import checkpointing as ckpt
-from megatron_lpreg.config import Config, ConfigError, check_inputs
+from megatron_lpreg.config import Config, ConfigError
+from megatron_lpreg.inputs import check_inputs
 
 # Fields that must agree between the model and a checkpoint loaded into it (ModelSpec names).
 _SHAPE_FIELDS = ("architecture", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",

@@ -79,17 +79,16 @@ def _argv(args) -> list[str]:
 
 
 def run(args) -> int:
-    from megatron_lpreg.launch import relaunch, under_launcher
+    from megatron_lpreg.commands.launch import relaunch, under_launcher
+    from megatron_lpreg.parallel import destroy_distributed
 
     cfg = _config(args)
     if not under_launcher() and cfg.parallel.tp > 1:
         return relaunch(cfg.parallel.tp, _argv(args))
-    from megatron_lpreg.cli import _shutdown
-
     try:
         metrics = check(cfg, max_tokens=args.max_tokens, seed=args.seed)
     finally:
-        _shutdown()
+        destroy_distributed()
     if metrics is None:  # not the reporting rank
         return 0
     ok = metrics["mismatch/seq_max_abs_diff"] <= args.threshold
@@ -144,27 +143,19 @@ def check(cfg, *, max_tokens: int = 32, seed: int = 0, after_refit=None) -> dict
     ``after_refit(engine)`` runs on the engine's rank between the refit and the scoring (tests use
     it to corrupt the engine and see the check fail).
     """
-    from megatron_lpreg import checkpointing as ckpt
     from megatron_lpreg.grpo.mismatch import mismatch_metrics
-    from megatron_lpreg.grpo.rollout import share_in_group
     from megatron_lpreg.model import parse_hf_config
-    from megatron_lpreg.model.build import build_gpt_model, transformer_engine_available
-    from megatron_lpreg.parallel import init_distributed
+    from megatron_lpreg.parallel import broadcast_object, init_distributed
+    from megatron_lpreg.policy.setup import load_policy, uses_te
     from megatron_lpreg.rollout.build import EngineRefit, build_rollout_engine, rollout_engine_kind
     from megatron_lpreg.rollout.engine import SamplingParams
-    from megatron_lpreg.weights import load_hf_weights
 
     ctx = init_distributed(cfg.parallel.tp, cfg.parallel.backend, cfg.parallel.timeout_s, seed=seed)
     hf_dir = Path(cfg.model.path)
     spec = parse_hf_config(hf_dir)
-    te = transformer_engine_available() if cfg.model.use_te is None else cfg.model.use_te
-    model = build_gpt_model(spec, getattr(torch, cfg.model.dtype), te)
-    if cfg.model.load:
-        ckpt.load_model(model, cfg.model.load)
-    else:
-        load_hf_weights(model, spec, hf_dir, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, te=te)
-    model.eval()
-    tp_group = ctx.tp_group if ctx.tp_size > 1 else None
+    te = uses_te(cfg.model)
+    # Scoring only (no backward): nothing to recompute whatever the run sets.
+    model = load_policy(cfg.model, spec, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, recompute="none", te=te).eval()
 
     engine = None
     if ctx.tp_rank == 0:
@@ -180,10 +171,10 @@ def check(cfg, *, max_tokens: int = 32, seed: int = 0, after_refit=None) -> dict
             groups = engine.generate(prompts, sampling)
             sequences = [p + c.token_ids for p, group in zip(prompts, groups) for c in group]
             scored = (sequences, engine.score(sequences))
-        sequences, engine_lp = share_in_group(scored, tp_group)
-        ours = megatron_logprobs(model, sequences, spec.vocab_size, tp_group, ctx.device)
+        sequences, engine_lp = broadcast_object(scored, ctx.tp)
+        ours = megatron_logprobs(model, sequences, spec.vocab_size, ctx.tp, ctx.device)
     finally:
-        if getattr(engine, "close", None) is not None:
+        if engine is not None:
             engine.close()
     if ctx.rank != 0:
         return None
