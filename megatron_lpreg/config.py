@@ -466,17 +466,6 @@ def config_to_dict(cfg: Config) -> dict:
     out = plain(dataclasses.asdict(cfg))
     out["loss"] = {"preset": out["loss"].pop("preset"), **out["loss"]}  # first: the fields below refine it
     return out
-
-
-def __getattr__(name):
-    # check_inputs moved to megatron_lpreg.inputs; grpo/trainer.py imports it from here until the merge.
-    if name == "check_inputs":
-        from megatron_lpreg.inputs import check_inputs
-
-        return check_inputs
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved configuration (atomically) so a run directory says how it was made."""
     path = Path(path)

@@ -9,7 +9,7 @@ Parameters (exact): embedding V h; per layer q/k/v/o h (q + 2 kv) + q h, q/k/v b
 V h unless tied. On one GPU: the TP-sharded tensors (linears, biases, embedding/output over V') / t
 plus the replicated ones (RMSNorm weights).
 
-Training state (grpo/optimizer.py: torch AdamW over fp32 masters): weights a P + gradients a P
+Training state (policy/optimizer.py: torch AdamW over fp32 masters): weights a P + gradients a P
 (param dtype) + fp32 master 4 P (none for an fp32 model) + exp_avg and exp_avg_sq 8 P = 16 B/param
 in bf16. The step itself casts every gradient to fp32 (+4 P) and foreach AdamW allocates
 sqrt(exp_avg_sq) for all parameters at once (+4 P): 24 B/param while it runs (no activations then).

@@ -84,7 +84,7 @@ def _resume_path(cfg: Config) -> Path | None:
     if choice == "never":
         return None
     if choice == "auto":
-        from megatron_lpreg.grpo.state import complete_checkpoints
+        from megatron_lpreg.policy.training_checkpoint import complete_checkpoints
 
         found = complete_checkpoints(cfg.run_dir)
         return found[-1][1] if found else None
@@ -126,7 +126,7 @@ def _check_checkpoint(key: str, path: Path, spec, *, training: bool) -> None:
     except ckpt.CheckpointError as e:
         raise ConfigError(f"{key}: {e}") from None
     if training:
-        from megatron_lpreg.grpo.state import STATE_FILE
+        from megatron_lpreg.policy.training_checkpoint import STATE_FILE
 
         state = path / STATE_FILE
         try:

@@ -21,7 +21,7 @@ import torch
 
 from megatron_lpreg import checkpointing as ckpt
 from megatron_lpreg import faults
-from megatron_lpreg.config import Config, ConfigError, check_inputs, config_to_dict, save_config
+from megatron_lpreg.config import Config, ConfigError, config_to_dict, save_config
 from megatron_lpreg.data import DataFields, PromptSampler, encode_prompts, load_prompt_dataset
 from megatron_lpreg.grpo.advantages import group_advantages
 from megatron_lpreg.grpo.dynamic_sampling import sample_groups
@@ -32,6 +32,7 @@ from megatron_lpreg.grpo.skips import SkipCounter, TrainingDiverged, weights_fin
 from megatron_lpreg.grpo.step_metrics import optimizer_metrics, rollout_metrics
 from megatron_lpreg.grpo.trainer_state import TrainerState
 from megatron_lpreg.grpo.validation import validate
+from megatron_lpreg.inputs import check_inputs
 from megatron_lpreg.memory import MB, PhasePeaks, parameter_bytes
 from megatron_lpreg.parallel import broadcast_object, init_distributed
 from megatron_lpreg.policy.optimizer import PolicyOptimizer
