@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PHASES = ("time/rollout", "time/reward", "time/logprob", "time/train", "time/refit", "time/step")
+PHASES = ("time/rollout", "time/reward", "time/logprob", "time/train", "time/train/forward", "time/train/backward",
+          "time/train/optimizer", "time/refit", "time/step")
 
 
 def _snapshot(trainer):
@@ -54,18 +55,20 @@ def _batch(trainer, step: int):
 
 
 def _timed_learn(trainer, batch, loss_cfg) -> float:
-    """The log-prob pass and the updates under ``loss_cfg``, from a snapshot restored afterwards."""
+    """The log-prob pass (where the trainer runs one) and the updates under ``loss_cfg``, from a
+    snapshot restored afterwards."""
     from megatron_lpreg.policy.passes import recompute_logprobs, train
 
     g = trainer.cfg.grpo
     snap = _snapshot(trainer)
-    start = time.perf_counter()
-    scores = recompute_logprobs(trainer.policy, batch, loss_cfg)
     batch = copy.copy(batch)
-    batch.set(old_logprobs=scores.old_logprobs, proxy_logprobs=scores.proxy_logprobs,
-              ref_logprobs=scores.ref_logprobs)
-    train(trainer.policy, batch, loss_cfg, trainer.optimizer, num_minibatches=g.prompts_per_step // g.mini_batch_prompts,
-          epochs=g.epochs, tis_cap=trainer.cfg.mismatch.tis_cap)
+    start = time.perf_counter()
+    if not trainer.on_policy:
+        scores = recompute_logprobs(trainer.policy, batch, loss_cfg)
+        batch.set(old_logprobs=scores.old_logprobs, proxy_logprobs=scores.proxy_logprobs,
+                  ref_logprobs=scores.ref_logprobs)
+    train(trainer.policy, batch, loss_cfg, trainer.optimizer, num_minibatches=trainer.minibatches, epochs=g.epochs,
+          tis_cap=trainer.cfg.mismatch.tis_cap, scores_from_forward=trainer.on_policy)
     elapsed = time.perf_counter() - start
     _restore(trainer, snap)
     return elapsed

@@ -150,7 +150,7 @@ def _parse_line(line: str) -> dict:
     return _decode(record)
 
 
-MACHINE_METRICS = ("time", "memory/")  # the wall-clock stamp, time/*, memory/*: the machine, not the run
+MACHINE_METRICS = ("time", "memory/", "perf/")  # the wall-clock stamp, time/*, memory/*, perf/*: the machine, not the run
 
 
 def run_metrics(row: dict) -> dict:

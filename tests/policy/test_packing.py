@@ -10,7 +10,7 @@ import torch
 from megatron_lpreg.policy.batching import RolloutBatch, microbatch
 from megatron_lpreg.policy.packing import pack_rows, token_budget_packs
 from tests.distributed import run_distributed
-from tests.policy.test_passes import load_policy, random_rollouts
+from tests.policy.test_passes import CaptureGrads, load_policy, random_rollouts
 from tests.model.tiny_models import save_tiny_model
 
 
@@ -66,14 +66,6 @@ def _exactness(ctx, directory):
     from megatron_lpreg.policy.passes import recompute_logprobs, train
     from megatron_lpreg.loss import LpRegConfig
 
-    class Capture:  # an optimiser that keeps the accumulated gradient and steps nowhere
-        def __init__(self, model):
-            self.model, self.grads = model, []
-
-        def step(self):
-            self.grads.append({n: p.grad.clone() for n, p in self.model.named_parameters()})
-            self.model.zero_grad(set_to_none=True)
-
     out = {}
     for pack in (False, True):
         spec, pc = load_policy(ctx, directory)
@@ -84,9 +76,9 @@ def _exactness(ctx, directory):
         batch.set(old_logprobs=scores.old_logprobs, proxy_logprobs=scores.proxy_logprobs)
         # One micro-batch for the whole mini-batch, so both layouts aggregate the same tokens.
         pc.micro_batch_tokens = 4096
-        opt = Capture(pc.model)
-        metrics, _ = train(pc, copy.copy(batch), cfg, opt, num_minibatches=1, epochs=1)
-        out[pack] = scores, opt.grads[0], metrics.reduce(None)
+        opt = CaptureGrads(pc.model)
+        result = train(pc, copy.copy(batch), cfg, opt, num_minibatches=1, epochs=1)
+        out[pack] = scores, opt.grads[0], result.metrics.reduce(None)
     out["shared_rows"] = [max(len(row) for row in mb) for mb in token_budget_packs(batch.lengths, 64)]
     return out
 
