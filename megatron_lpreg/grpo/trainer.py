@@ -111,8 +111,6 @@ class GRPOTrainer:
         self.refitter = EngineRefit(cfg, self.engine, ctx.tp, ctx.device)
         self.memory = PhasePeaks(ctx.device)
         self.minibatches = g.prompts_per_step // g.mini_batch_prompts
-        self.on_policy = on_policy_scores(cfg.loss, num_minibatches=self.minibatches, epochs=g.epochs,
-                                          ref_model=self.ref_model, mask_seq_abs_diff=cfg.mismatch.mask_seq_abs_diff)
         self.peak_flops = measure_peak_flops(ctx.device, getattr(torch, m.dtype))
         self.resumed_from = self._resume()
         self.refit()
@@ -121,6 +119,12 @@ class GRPOTrainer:
     @property
     def step(self) -> int:
         return self.state.step
+
+    @property
+    def on_policy(self) -> bool:
+        """Whether the training forward gives the old log-probs (``policy.passes.on_policy_scores``)."""
+        return on_policy_scores(self.cfg.loss, num_minibatches=self.minibatches, epochs=self.cfg.grpo.epochs,
+                                ref_model=self.ref_model, mask_seq_abs_diff=self.cfg.mismatch.mask_seq_abs_diff)
 
     # ---------------------------------------------------------------------------- one step
     def train_step(self) -> dict[str, float]:

@@ -22,6 +22,8 @@ SUMMED = frozenset({
 })
 MAXED = frozenset({"pg/ratio_max", "response/length_max", "mismatch/seq_max_abs_diff"})
 MINNED = frozenset({"pg/ratio_min"})
+# Ratios of summed counts: a micro-batch's own value is not averaged, ``reduce`` derives them.
+DERIVED = frozenset({"lpreg/selected_share", "lpreg/pass_share"})
 
 
 def _as_value(v):
@@ -40,6 +42,8 @@ class MetricSums:
     def add(self, metrics: dict, weight=1.0) -> None:
         weight = _as_value(weight)
         for key, value in metrics.items():
+            if key in DERIVED:
+                continue
             value = _as_value(value)
             if key in SUMMED:
                 self.sums[key] = self.sums[key] + value

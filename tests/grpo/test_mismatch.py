@@ -108,9 +108,8 @@ def _trainer_body(ctx, run_dir, policy, data):
         diffs = sequence_abs_diffs(engine, old)
         cfg.mismatch.mask_seq_abs_diff = sorted(diffs)[len(diffs) // 2]  # masks about half
         masked = trainer.mask_mismatched(batch)
-        loss_sums, _ = train(trainer.policy, batch, cfg.loss, trainer.optimizer, num_minibatches=1, epochs=1,
-                             tis_cap=cfg.mismatch.tis_cap)
-        metrics = loss_sums.reduce()
+        metrics = train(trainer.policy, batch, cfg.loss, trainer.optimizer, num_minibatches=1, epochs=1,
+                        tis_cap=cfg.mismatch.tis_cap).metrics.reduce()
         keep = [d <= cfg.mismatch.mask_seq_abs_diff for d in diffs]
         kept = [i for i, k in enumerate(keep) if k]
         weights = torch.cat([torch.exp(old[i].double() - engine[i].double()) for i in kept])

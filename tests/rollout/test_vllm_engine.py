@@ -225,7 +225,7 @@ def test_without_vllm_names_the_extra(monkeypatch):
 
 
 def test_auto_engine_is_vllm_only_with_cuda_and_vllm(monkeypatch):
-    from megatron_lpreg.grpo.trainer import rollout_engine_kind
+    from megatron_lpreg.rollout.build import rollout_engine_kind
     from megatron_lpreg.rollout import vllm_engine
 
     for cuda, installed, kind in ((True, True, "vllm"), (True, False, "hf"), (False, True, "hf")):
