@@ -69,7 +69,7 @@ def _refit(ctx, model, spec, engine, bucket_bytes, per_bucket_memory=False):
     import torch.distributed as dist
 
     from megatron_lpreg.weights import param_for_hf
-    from megatron_lpreg.weights.refit import RefitStats, stream_hf_weights
+    from megatron_lpreg.weights.stream import RefitStats, stream_hf_weights
 
     stats = RefitStats()
     steps = []  # (HF bytes of the bucket, peak extra bytes during it, Megatron parameters in it)

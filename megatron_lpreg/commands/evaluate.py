@@ -54,7 +54,8 @@ def load_engine(ckpt: Path):
     from megatron_lpreg.model import parse_hf_config
     from megatron_lpreg.parallel import init_distributed
     from megatron_lpreg.policy.setup import load_policy
-    from megatron_lpreg.rollout.build import EngineRefit, build_rollout_engine
+    from megatron_lpreg.rollout.build import build_rollout_engine
+    from megatron_lpreg.weights.refit import EngineRefit
 
     # The checkpoint's weights reach a weightless engine as in training: a TP=1 policy, one refit.
     hf = ckpt / checkpointing.HF_DIR

@@ -147,8 +147,9 @@ def check(cfg, *, max_tokens: int = 32, seed: int = 0, after_refit=None) -> dict
     from megatron_lpreg.model import parse_hf_config
     from megatron_lpreg.parallel import broadcast_object, init_distributed
     from megatron_lpreg.policy.setup import load_policy, uses_te
-    from megatron_lpreg.rollout.build import EngineRefit, build_rollout_engine, rollout_engine_kind
+    from megatron_lpreg.rollout.build import build_rollout_engine, rollout_engine_kind
     from megatron_lpreg.rollout.engine import SamplingParams
+    from megatron_lpreg.weights.refit import EngineRefit
 
     ctx = init_distributed(cfg.parallel.tp, cfg.parallel.backend, cfg.parallel.timeout_s, seed=seed)
     hf_dir = Path(cfg.model.path)

@@ -43,8 +43,9 @@ from megatron_lpreg.policy.throughput import forward_flops, measure_peak_flops
 from megatron_lpreg.policy.training_checkpoint import (
     complete_checkpoints, load_training_checkpoint, prune_checkpoints, save_training_checkpoint, step_dir,
 )
-from megatron_lpreg.rollout.build import EngineRefit, build_rollout_engine
+from megatron_lpreg.rollout.build import build_rollout_engine
 from megatron_lpreg.rollout.engine import SamplingParams, stop_token_ids
+from megatron_lpreg.weights.refit import EngineRefit
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ ranks copy in parallel. It is the CPU counterpart of the CUDA-IPC handles coloca
 The file is unlinked once every rank has mapped it, so a crash leaves nothing behind in /dev/shm.
 Where a rank cannot see the engine rank's file (another machine, another /dev/shm namespace, no
 /dev/shm), ``SharedWeights.attach`` returns None on every rank and the trainer streams buckets
-instead (``refit.stream_hf_weights``).
+instead (``stream.stream_hf_weights``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from megatron_lpreg.model.hf_config import ModelSpec
 from megatron_lpreg.parallel import group_or_none, group_rank, group_size
-from megatron_lpreg.weights.refit import RefitStats
+from megatron_lpreg.weights.stream import RefitStats
 from megatron_lpreg.weights.table import find_param, is_weight, place_shard
 from megatron_lpreg.weights.tp_rules import Split
 

@@ -48,7 +48,7 @@ def _tp_model_and_engine(ctx, directory):
 
 def _body(ctx, dirs: dict):
     from megatron_lpreg.rollout import EngineStateError, SamplingParams
-    from megatron_lpreg.weights.refit import RefitStats, stream_hf_weights
+    from megatron_lpreg.weights.stream import RefitStats, stream_hf_weights
 
     results = {}
     for family, directory in dirs.items():

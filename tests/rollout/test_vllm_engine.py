@@ -69,7 +69,7 @@ def _perturb(model) -> None:  # a "training step"; replicated parameters stay eq
 def _rounds(ctx, model, spec, consume):
     """Two refits (all in one bucket; then, after a perturbation, tiny buckets); yields after each
     (Megatron log-probs of SEQUENCES, what ``consume(round, bucket)`` returned, bytes, buckets)."""
-    from megatron_lpreg.weights.refit import RefitStats, stream_hf_weights
+    from megatron_lpreg.weights.stream import RefitStats, stream_hf_weights
 
     for round_, bucket_bytes in enumerate((1 << 30, BUCKET)):
         if round_:

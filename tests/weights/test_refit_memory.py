@@ -38,7 +38,7 @@ def _body(ctx):
 
     from megatron_lpreg.model import build_gpt_model, parse_hf_config
     from megatron_lpreg.rollout import HFEngine
-    from megatron_lpreg.weights.refit import RefitStats, stream_hf_weights
+    from megatron_lpreg.weights.stream import RefitStats, stream_hf_weights
 
     spec = parse_hf_config(CONFIG)
     model = build_gpt_model(spec).eval()

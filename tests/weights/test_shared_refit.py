@@ -46,7 +46,7 @@ def test_place_shard_rejects_a_wrong_shape():
 
 def _body(ctx, dirs: dict):
     from megatron_lpreg.weights.hf_files import HFCheckpoint
-    from megatron_lpreg.weights.refit import RefitStats, stream_hf_weights
+    from megatron_lpreg.weights.stream import RefitStats, stream_hf_weights
     from megatron_lpreg.weights.shared_refit import SharedWeights, SharedWeightsError
 
     out = {}
