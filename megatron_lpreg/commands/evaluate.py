@@ -65,7 +65,7 @@ def load_engine(ckpt: Path):
     spec = parse_hf_config(hf)
     model = load_policy(cfg.model, spec, tp_rank=0, tp_size=1)
     engine = build_rollout_engine(cfg, hf, spec.max_position_embeddings, None, seed=0)
-    EngineRefit(cfg, engine, ctx.tp_group, ctx.device)(model, spec)
+    EngineRefit(cfg, engine, ctx.tp, ctx.device)(model, spec)
     return engine, hf
 
 

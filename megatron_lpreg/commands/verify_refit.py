@@ -162,7 +162,7 @@ def check(cfg, *, max_tokens: int = 32, seed: int = 0, after_refit=None) -> dict
     if ctx.tp_rank == 0:
         engine = build_rollout_engine(cfg, hf_dir, spec.max_position_embeddings, None, seed)
     try:
-        EngineRefit(cfg, engine, ctx.tp_group, ctx.device)(model, spec, te=te)  # as the trainer refits
+        EngineRefit(cfg, engine, ctx.tp, ctx.device)(model, spec, te=te)  # as the trainer refits
         scored = None
         if engine is not None:
             if after_refit is not None:
