@@ -193,10 +193,10 @@ def lp_reg_policy_loss_tensors(
             if isinstance(delta, torch.Tensor):
                 metrics["lpreg/delta_rho"] = delta.detach().to(torch.float32).exp()
             else:
-                # A host float (batch scopes): exp on the host, then a fill; copying a host tensor
-                # to an accelerator would wait for its queue.
-                host = float(torch.tensor(delta, dtype=torch.float32).exp())
-                metrics["lpreg/delta_rho"] = torch.full((), host, dtype=torch.float32, device=logprobs.device)
+                # A host float (batch scopes): filled on the device, as copying a host tensor there
+                # would wait for its queue (on an accelerator its exp may differ in the last bit).
+                metrics["lpreg/delta_rho"] = torch.full((), delta, dtype=torch.float32,
+                                                        device=logprobs.device).exp()
     else:
         # |N| and |S'| are always reported, so a plain-GRPO run's logs line up with an Lp-Reg run's.
         metrics["lpreg/candidates"] = (mask & (adv < 0)).sum()
