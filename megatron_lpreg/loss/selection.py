@@ -6,7 +6,8 @@ Per side (negative advantages always, positive ones for the "Pos & Neg" ablation
   S     = the k pool tokens with the lowest current log-prob (no grad), restricted to the side's sign
   S'    = {t in S : l_t < log pi_proxy(o_t)}
 
-``microbatch`` scope picks exactly k per call with topk, as the reference code does. The batch
+``microbatch`` scope picks exactly k per call, as the reference code does (ties at the k-th value go
+to the earlier token, as its stable sort has them), with k kept on the device (``lowest_k``). The batch
 scopes pick by a threshold computed once over the whole mini-batch (all micro-batches, all DP ranks):
 every token with l <= the k-th lowest value, so tokens tied with the k-th are all taken.
 """
@@ -72,8 +73,8 @@ def selection_thresholds(logprobs, advantages, mask, config: LpRegConfig, group=
 
     logprobs / advantages / mask: one [B, S] tensor each, or lists of them (one per micro-batch);
     advantages may be [B]. group: the data-parallel group, so all DP ranks agree (None = local).
-    Once per mini-batch, not per micro-batch; per side it reads the pool size back (kthvalue takes
-    k on the host, and the k-th value is returned as a float), once for all micro-batches.
+    Called once per mini-batch. It reads back, per side, the pool's size (a data-dependent gather,
+    and kthvalue takes k on the host) and the k-th value (a float); with DP, the ranks' sizes once.
     """
     if isinstance(logprobs, torch.Tensor):
         logprobs, advantages, mask = [logprobs], [advantages], [mask]

@@ -57,7 +57,8 @@ def _call(fn, cfg, seed, dtype=torch.float64):
     return loss.detach(), x.grad, metrics
 
 
-@pytest.mark.parametrize("overrides", CONFIGS + EXTRA, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "default")
+@pytest.mark.parametrize("overrides", CONFIGS + EXTRA,
+                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "default")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_tensor_variant_equals_the_float_variant_bit_for_bit(overrides, dtype):
     cfg = LpRegConfig(**overrides)
