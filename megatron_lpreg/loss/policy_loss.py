@@ -13,7 +13,7 @@ import torch
 
 from megatron_lpreg.loss.config import LpRegConfig
 from megatron_lpreg.loss.ref_kl import ref_kl
-from megatron_lpreg.loss.selection import SelectionThresholds, _expand, select_tokens_tensors
+from megatron_lpreg.loss.selection import SelectionThresholds, _expand, lowest_k, select_tokens_tensors
 
 ExactKL = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
 
@@ -40,9 +40,12 @@ def aggregate(token_losses, mask, mode="token_mean", global_tokens=None) -> torc
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """0-d mean over ``mask``, 0 when empty; the same bits as dividing by the host count."""
-    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """0-d mean over ``mask``, 0 when empty; the same bits as dividing by the host count.
+
+    count: ``mask.sum().clamp(min=1)`` when the caller already has it (several means share a mask).
+    """
+    return torch.where(mask, x, 0.0).sum() / (mask.sum().clamp(min=1) if count is None else count)
 
 
 def _masked_extreme(x: torch.Tensor, mask: torch.Tensor, largest: bool) -> torch.Tensor:
@@ -82,30 +85,26 @@ def _log_ratio(logprobs, old_logprobs, mask, config):
 def _top_fraction(scores, mask, fraction):
     """Bool mask of the max(1, int(fraction * n)) largest ``scores`` among valid tokens (verl's rule).
 
-    A stable sort with k as a tensor instead of topk, which needs k (data-dependent) on the host;
-    ties at the k-th value go to the earlier token.
+    ``lowest_k`` of the negated scores: k stays a tensor (topk would need it on the host); ties at
+    the k-th value go to the earlier tokens. NaN scores rank largest, as in topk.
     """
     flat_mask = mask.reshape(-1)
-    n = flat_mask.sum()
-    k = torch.floor(n.to(torch.float64) * fraction).to(torch.int64).clamp(min=1)
-    # Ascending on -score puts the largest first; NaN scores first among valid tokens (topk ranks
-    # NaN largest), invalid tokens last as NaN.
+    k_max = max(1, int(flat_mask.numel() * fraction))
+    # With no valid token k = 1 still takes nothing: nothing is in the pool.
+    k = torch.floor(flat_mask.sum().to(torch.float64) * fraction).to(torch.int64).clamp(min=1)
     neg = (-scores.detach().reshape(-1)).nan_to_num(nan=float("-inf"), posinf=float("inf"),
                                                    neginf=float("-inf"))
-    order = torch.sort(torch.where(flat_mask, neg, float("nan")), stable=True).indices
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
-    return (flat_mask & (rank < k)).view_as(mask)
+    return lowest_k(neg, flat_mask, k, k_max)[0].view_as(mask)
 
 
 def _regulariser(logprobs, proxy_logprobs, selected, config, exact_kl: ExactKL):
     """D_t on S' (zero elsewhere), with no inf/NaN reachable through unselected tokens."""
     if config.kl == "k3":
         # Unselected tokens may have proxy = -inf; substitute l so no branch ever sees inf.
+        # Elsewhere d = 0 and D = 0 exactly, so no mask is needed on the result.
         safe = torch.where(selected, proxy_logprobs, logprobs.detach())
         d = safe - logprobs
-        value = (torch.exp(d) - d - 1.0).clamp(-config.kl_clamp, config.kl_clamp)
-        return torch.where(selected, value, torch.zeros_like(value))
+        return (torch.exp(d) - d - 1.0).clamp(-config.kl_clamp, config.kl_clamp)
     if exact_kl is None:
         raise ValueError(
             f"LpRegConfig.kl={config.kl!r} needs exact_kl: a [B, S] tensor of per-token "
@@ -174,17 +173,19 @@ def lp_reg_policy_loss_tensors(
     if config.enabled:
         sel = select_tokens_tensors(logprobs, proxy_logprobs, adv, mask, config, thresholds)
         reg = _regulariser(logprobs, proxy_logprobs, sel.selected, config, exact_kl)
-        token_loss = torch.where(sel.selected, pg_unclipped + config.beta * reg, token_loss)
-        n_sel, n_valid = sel.selected.sum(), mask.sum()
+        weighted = reg if config.beta == 1.0 else config.beta * reg  # x * 1.0 is x: skip the op
+        token_loss = torch.where(sel.selected, pg_unclipped + weighted, token_loss)
+        n_sel = sel.selected.sum()
         f64 = torch.float64
+        n_sel64 = n_sel.to(f64)
         metrics.update({
             "lpreg/candidates": sel.candidates,
             "lpreg/lowest": sel.lowest_count,
             "lpreg/selected": n_sel,
             # Python's int / int is a float64 division: the same bits as the float variant had.
-            "lpreg/pass_share": n_sel.to(f64) / sel.lowest_count.to(f64).clamp(min=1),
-            "lpreg/selected_share": n_sel.to(f64) / n_valid.to(f64).clamp(min=1),
-            "lpreg/kl_mean": _masked_mean(reg.detach(), sel.selected),
+            "lpreg/pass_share": n_sel64 / sel.lowest_count.to(f64).clamp(min=1),
+            "lpreg/selected_share": n_sel64 / mask.sum().to(f64).clamp(min=1),
+            "lpreg/kl_mean": _masked_mean(reg.detach(), sel.selected, n_sel.clamp(min=1)),
         })
         delta = sel.delta_rho_logprob
         if delta is not None:
@@ -192,7 +193,10 @@ def lp_reg_policy_loss_tensors(
             if isinstance(delta, torch.Tensor):
                 metrics["lpreg/delta_rho"] = delta.detach().to(torch.float32).exp()
             else:
-                metrics["lpreg/delta_rho"] = torch.tensor(delta, dtype=torch.float32).exp().to(logprobs.device)
+                # A host float (batch scopes): filled on the device, as copying a host tensor there
+                # would wait for its queue (on an accelerator its exp may differ in the last bit).
+                metrics["lpreg/delta_rho"] = torch.full((), delta, dtype=torch.float32,
+                                                        device=logprobs.device).exp()
     else:
         # |N| and |S'| are always reported, so a plain-GRPO run's logs line up with an Lp-Reg run's.
         metrics["lpreg/candidates"] = (mask & (adv < 0)).sum()
@@ -216,20 +220,23 @@ def lp_reg_policy_loss_tensors(
     with torch.no_grad():
         r = ratio.detach()
         clipped = pg_clipped > pg_unclipped
+        n_tokens = mask.sum()
+        n_mask = n_tokens.clamp(min=1)
+        n_loss = n_mask if loss_mask is mask else loss_mask.sum().clamp(min=1)
         metrics.update({
-            "loss/tokens": mask.sum(),
+            "loss/tokens": n_tokens,
             "loss/nonfinite_tokens": nonfinite.sum(),
-            "pg/clipfrac": _masked_mean(clipped.to(r.dtype), loss_mask),
+            "pg/clipfrac": _masked_mean(clipped.to(r.dtype), loss_mask, n_loss),
             # The two clip bounds separately: r > 1 + eps_high binds for A > 0, r < 1 - eps_low for A < 0.
-            "pg/clipfrac_high": _masked_mean((clipped & (adv > 0)).to(r.dtype), loss_mask),
-            "pg/clipfrac_low": _masked_mean((clipped & (adv < 0)).to(r.dtype), loss_mask),
-            "pg/ratio_mean": _masked_mean(r, mask),
+            "pg/clipfrac_high": _masked_mean((clipped & (adv > 0)).to(r.dtype), loss_mask, n_loss),
+            "pg/clipfrac_low": _masked_mean((clipped & (adv < 0)).to(r.dtype), loss_mask, n_loss),
+            "pg/ratio_mean": _masked_mean(r, mask, n_mask),
             "pg/ratio_max": _masked_extreme(r, mask, largest=True),
             "pg/ratio_min": _masked_extreme(r, mask, largest=False),
-            "pg/approx_kl": _masked_mean((old_logprobs - logprobs).detach(), mask),
+            "pg/approx_kl": _masked_mean((old_logprobs - logprobs).detach(), mask, n_mask),
         })
         if entropy is not None:
-            metrics["entropy/mean"] = _masked_mean(entropy.detach(), mask)
+            metrics["entropy/mean"] = _masked_mean(entropy.detach(), mask, n_mask)
     return loss, metrics
 
 

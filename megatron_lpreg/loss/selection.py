@@ -6,7 +6,8 @@ Per side (negative advantages always, positive ones for the "Pos & Neg" ablation
   S     = the k pool tokens with the lowest current log-prob (no grad), restricted to the side's sign
   S'    = {t in S : l_t < log pi_proxy(o_t)}
 
-``microbatch`` scope picks exactly k per call with topk, as the reference code does. The batch
+``microbatch`` scope picks exactly k per call, as the reference code does (ties at the k-th value go
+to the earlier token, as its stable sort has them), with k kept on the device (``lowest_k``). The batch
 scopes pick by a threshold computed once over the whole mini-batch (all micro-batches, all DP ranks):
 every token with l <= the k-th lowest value, so tokens tied with the k-th are all taken.
 """
@@ -72,8 +73,8 @@ def selection_thresholds(logprobs, advantages, mask, config: LpRegConfig, group=
 
     logprobs / advantages / mask: one [B, S] tensor each, or lists of them (one per micro-batch);
     advantages may be [B]. group: the data-parallel group, so all DP ranks agree (None = local).
-    Once per mini-batch, not per micro-batch; per side it reads the pool size back (kthvalue takes
-    k on the host, and the k-th value is returned as a float), once for all micro-batches.
+    Called once per mini-batch. It reads back, per side, the pool's size (a data-dependent gather,
+    and kthvalue takes k on the host) and the k-th value (a float); with DP, the ranks' sizes once.
     """
     if isinstance(logprobs, torch.Tensor):
         logprobs, advantages, mask = [logprobs], [advantages], [mask]
@@ -119,27 +120,38 @@ class SelectionTensors:
     delta_rho_logprob: torch.Tensor | float | None
 
 
-def _k_lowest(lp_flat: torch.Tensor, pool_flat: torch.Tensor, frac: float, min_selected: int):
-    """Bool mask of the k = int(frac * |pool|) lowest pool tokens (none below min_selected), and the
-    k-th lowest value (NaN for k = 0), without a host sync.
+def lowest_k(values: torch.Tensor, pool: torch.Tensor, k: torch.Tensor, k_max: int) -> tuple:
+    """Bool mask of the ``k`` lowest ``values`` among ``pool`` (1-D), and the k-th lowest value
+    (NaN for k = 0), without reading k back to the host.
 
-    topk would need k on the host; a stable sort takes it as a tensor. Ties at the k-th value go to
-    the earlier token, as the reference's stable sorted() picks them (topk's choice is unspecified).
+    k: 0-d int64 tensor, at most ``k_max`` (a host bound from the shape), so a topk of k_max finds
+    the k-th value; the mask is then every pool value below it plus, of those equal to it, the
+    earliest ones up to k in all: the stable sorted() rule of the reference (topk's own choice
+    among ties is unspecified). A NaN value is never taken.
     """
-    n = pool_flat.sum()
+    nan = float("nan")
+    if k_max <= 0 or values.numel() == 0:
+        return torch.zeros_like(pool), values.new_full((), nan)
+    key = torch.where(pool, values, nan)  # out of the pool: below or equal to nothing
+    top = torch.topk(key, min(k_max, key.numel()), largest=False).values
+    # Slot 0 stands for k = 0: NaN, so that nothing is below or equal to it.
+    kth = torch.cat([top.new_full((1,), nan), top]).gather(0, k.view(1)).squeeze(0)
+    below = key < kth
+    tied = key == kth
+    return below | (tied & (tied.cumsum(0) <= k - below.sum())), kth
+
+
+def _k_lowest(lp_flat, pool_flat, frac: float, min_selected: int, n_pool=None):
+    """S of one side in the microbatch scope: the k = int(frac * |pool|) lowest (none below
+    min_selected), and the k-th lowest log-prob (NaN when k = 0). n_pool: |pool| if known."""
+    k_max = int(pool_flat.numel() * frac)
+    if k_max < min_selected:  # |pool| <= numel: k is below the quirk whatever the data
+        return torch.zeros_like(pool_flat), lp_flat.new_full((), float("nan"))
+    n = pool_flat.sum() if n_pool is None else n_pool
     # float64 product and floor: bit for bit Python's int(n * frac) for the n of any real batch.
     k = torch.floor(n.to(torch.float64) * frac).to(torch.int64)
-    k = torch.where(k >= min_selected, k, torch.zeros_like(k))
-    # Pool tokens first (NaN log-probs among them after +inf, where topk also ranks NaN), the rest
-    # last as NaN; one sort.
-    key = torch.where(pool_flat, lp_flat.nan_to_num(nan=float("inf"), posinf=float("inf"),
-                                                    neginf=float("-inf")), float("nan"))
-    order = torch.sort(key, stable=True).indices
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device)
-    chosen = pool_flat & (rank < k)
-    kth = lp_flat[order[(k - 1).clamp(min=0)]] if order.numel() else lp_flat.new_zeros(())
-    return chosen, torch.where(k > 0, kth, torch.full_like(kth, float("nan")))
+    k = k * (k >= min_selected)
+    return lowest_k(lp_flat, pool_flat, k, k_max)
 
 
 def select_tokens_tensors(logprobs, proxy_logprobs, advantages, mask, config,
@@ -148,15 +160,22 @@ def select_tokens_tensors(logprobs, proxy_logprobs, advantages, mask, config,
     lp = logprobs.detach()
     adv = _expand(advantages, lp)
     mask = mask.bool()
-    lowest = torch.zeros_like(mask)
+    negative = mask & (adv < 0)
+    candidates = negative.sum()
+    all_tokens = config.percentile_scope == "batch_all_tokens"
+    lowest = None
     delta = None
     for side in SIDES:
         frac = _fraction(config, side)
         if frac == 0.0:
             continue
-        pool = _pool(adv, mask, config, side)
+        if all_tokens:
+            pool = mask
+        else:
+            pool = negative if side == "neg" else mask & _sign_mask(adv, side)
         if config.percentile_scope == "microbatch":
-            chosen, side_thr = _k_lowest(lp.reshape(-1), pool.reshape(-1), frac, config.min_selected)
+            n_pool = candidates if side == "neg" else None
+            chosen, side_thr = _k_lowest(lp.reshape(-1), pool.reshape(-1), frac, config.min_selected, n_pool)
             side_lowest = chosen.view_as(mask)
         else:
             if thresholds is None:
@@ -168,15 +187,18 @@ def select_tokens_tensors(logprobs, proxy_logprobs, advantages, mask, config,
             if side_thr is None:
                 continue
             side_lowest = pool & (lp <= side_thr)
-        # batch_all_tokens draws S from all tokens; only the side's own sign is regularised.
-        lowest |= side_lowest & _sign_mask(adv, side)
+        if all_tokens:  # S drawn from all tokens; only the side's own sign is regularised
+            side_lowest = side_lowest & _sign_mask(adv, side)
+        lowest = side_lowest if lowest is None else lowest | side_lowest
         if side == "neg":
             delta = side_thr
+    if lowest is None:
+        lowest = torch.zeros_like(mask)
     selected = lowest & (lp < proxy_logprobs)
     return SelectionTensors(
         lowest=lowest,
         selected=selected,
-        candidates=(mask & (adv < 0)).sum(),
+        candidates=candidates,
         lowest_count=lowest.sum(),
         delta_rho_logprob=delta,
     )

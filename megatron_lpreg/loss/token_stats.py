@@ -65,6 +65,9 @@ class _TokenStats(torch.autograd.Function):
         ws_s = torch.empty(min(step, T), shard.valid, dtype=dtype, device=dev)
         ws_e = torch.empty_like(ws_s)
         below_kappa = S.just_below(kappa, dtype) if want_proxy else 0.0
+        # e is scratch unless it lives in consumed logits that a backward will read (the scoring
+        # pass consumes logits without grad: scratch there too).
+        clobber_e = not consume or not ctx.needs_input_grad[0]
         for rows in S.chunk_slices(T, logits.shape[1], chunk_tokens):
             n = rows.stop - rows.start
             z = S.local_columns(logits[rows], shard, dtype)
@@ -74,14 +77,16 @@ class _TokenStats(torch.autograd.Function):
             out[0] = e.sum(dim=1)
             if want_entropy:
                 out[at["ent"]] = S.dot_rows(e, shifted)
-            if minp_mass:
-                # threshold(e, below(kappa)) keeps e >= kappa: kept_mask's rule in one fused pass.
-                out[at["kept"]] = F.threshold(e, below_kappa, 0.0).sum(dim=1)
             if has_target and shard.valid > 0:
                 # The target's shifted logit and its e, from the owning rank (others add zeros).
                 idx, owned = idx_all[rows].unsqueeze(1), owned_all[rows]
                 out[at["t_shift"]] = torch.where(owned, shifted.gather(1, idx).squeeze(1), 0.0)
                 out[at["t_e"]] = torch.where(owned, e.gather(1, idx).squeeze(1), 0.0)
+            if minp_mass:
+                # threshold(e, below(kappa)) keeps e >= kappa: kept_mask's rule in one fused pass.
+                # The last read of e: in place when e is scratch, ~30% cheaper than a temporary.
+                thr = F.threshold_ if clobber_e else F.threshold
+                out[at["kept"]] = thr(e, below_kappa, 0.0).sum(dim=1)
         del ws_s, ws_e
         red = S.all_reduce_sum(local, shard)
 

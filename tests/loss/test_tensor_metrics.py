@@ -20,9 +20,10 @@ from megatron_lpreg.loss import (
 from tests.loss import reference as ref
 from tests.loss.test_policy_loss import CONFIGS, random_batch
 
-# Calls that make the host wait for the device (or that need a data-dependent size on the host).
+# Calls that make the host wait for the device: reads of values, and ops whose output size depends on
+# the data. (topk / kthvalue with a k known on the host do not; a k read back shows up as __int__.)
 _SYNCING = {"__float__", "__int__", "__bool__", "__index__", "item", "tolist", "nonzero", "masked_select",
-            "unique", "kthvalue", "topk"}
+            "unique"}
 
 
 class CountSyncs(TorchFunctionMode):
@@ -56,7 +57,8 @@ def _call(fn, cfg, seed, dtype=torch.float64):
     return loss.detach(), x.grad, metrics
 
 
-@pytest.mark.parametrize("overrides", CONFIGS + EXTRA, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "default")
+@pytest.mark.parametrize("overrides", CONFIGS + EXTRA,
+                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "default")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_tensor_variant_equals_the_float_variant_bit_for_bit(overrides, dtype):
     cfg = LpRegConfig(**overrides)
@@ -77,7 +79,7 @@ def test_delta_rho_is_nan_in_the_tensor_variant_when_no_percentile_was_taken():
     assert metrics_to_floats(t)["lpreg/delta_rho"] == pytest.approx(math.exp(-1.0))
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(rho=0.2, regularize_positive=0.1),
+@pytest.mark.parametrize("overrides", [dict(rho=0.05), dict(rho=0.2, regularize_positive=0.1),
                                        dict(rho=0.2, percentile_scope="batch"), *EXTRA[:2],
                                        dict(enabled=False, eps_low=0.2, eps_high=0.2)],
                          ids=["default", "pos", "batch", "kl_cov", "80_20", "grpo"])

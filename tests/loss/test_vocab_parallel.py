@@ -243,3 +243,30 @@ def test_inplace_refuses_silent_reuse_of_consumed_logits():
     st = vocab_parallel_token_stats(z, torch.tensor([1, 2, 3, 4]), inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (other + st.logprobs.sum()).backward()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_kept_mass_is_the_same_whether_e_is_scratch_or_kept_for_the_backward(grad):
+    """The kept-mass sweep thresholds e in place when nothing reads it later (scoring pass, or e in
+    a workspace); consumed logits that a backward needs must survive it."""
+    g = torch.Generator().manual_seed(5)
+    logits = 3 * torch.randn(40, 29, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 29, (40,), generator=g)
+    out = []
+    for inplace in (False, True):
+        w = logits.clone().requires_grad_(grad)
+        z = w * 1.0
+        with torch.set_grad_enabled(grad):
+            st = vocab_parallel_token_stats(z, target, inplace=inplace, chunk_tokens=7)
+            if grad:
+                (st.logprobs.sum() + st.entropy.sum()).backward()
+        out.append((st.logprobs.detach(), st.entropy.detach(), st.proxy_logprobs, st.kept_mass,
+                    w.grad if grad else torch.zeros(())))
+    for a, b in zip(out[0][:4], out[1][:4]):
+        assert torch.equal(a, b)
+    # The consumed backward scales the stored e, the other recomputes exp: equal to rounding only.
+    torch.testing.assert_close(out[0][4], out[1][4], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out[1][3], ref.kept_mass(logits, 0.02, "minp"), atol=1e-12, rtol=1e-12)
+    if grad:
+        expected = torch.func.grad(lambda x: (ref.logprobs(x, target) + ref.entropy(x)).sum())(logits)
+        torch.testing.assert_close(out[1][4], expected, atol=1e-10, rtol=1e-9)
