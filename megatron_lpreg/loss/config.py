@@ -1,4 +1,4 @@
-"""The policy-loss configuration. Defaults are the published Lp-Reg settings (LP_REG.md).
+"""The policy-loss configuration. Defaults are the published Lp-Reg settings (docs/lp_reg.md).
 
 The verl baselines are the same objective with other fields set; ``LpRegConfig.preset(name)``
 returns them so a user writes ``preset: gspo`` instead of remembering five numbers.
@@ -23,7 +23,7 @@ _CHOICES = {
 
 @dataclass
 class LpRegConfig:
-    # Lp-Reg (LP_REG.md sections 1-3).
+    # Lp-Reg (docs/lp_reg.md sections 1-3).
     enabled: bool = True  # false: plain GRPO (or the baseline a preset selects)
     kappa: float = 0.02  # min-p ratio (minp) or absolute probability floor (fixed)
     threshold: str = "minp"  # proxy filter: p >= kappa * max p (minp) or p >= kappa (fixed)

@@ -1,4 +1,4 @@
-"""The policy-gradient objective with Lp-Reg and the verl baselines (LP_REG.md sections 3-5).
+"""The policy-gradient objective with Lp-Reg and the verl baselines (paper Eq. 5-7, the released code's k3).
 
 All per-token tensors are [B, S] (response tokens; advantages may be [B]); nothing here is sharded:
 the vocab-parallel work happened when the log-probs were computed.
@@ -19,7 +19,7 @@ ExactKL = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
 
 
 def aggregate(token_losses, mask, mode="token_mean", global_tokens=None) -> torch.Tensor:
-    """Reduce per-token losses [B, S] over ``mask`` (LP_REG.md section 5).
+    """Reduce per-token losses [B, S] over ``mask`` (docs/lp_reg.md section 5).
 
     token_mean: sum / tokens in this micro-batch. seq_mean_token_mean: mean over non-empty sequences
     of each sequence's token mean. global_token_mean: sum / ``global_tokens`` (the token count of the
@@ -255,7 +255,7 @@ def lp_reg_policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     pg_weight: torch.Tensor | None = None,
 ):
-    """LP_REG.md sections 2-4 for one micro-batch -> (loss, metrics).
+    """docs/lp_reg.md sections 2-4 for one micro-batch -> (loss, metrics).
 
     logprobs: current log pi_theta(o_t), differentiable; old_logprobs: log pi_old (trainer-computed);
     proxy_logprobs: log pi_proxy(o_t), -inf where filtered; advantages: [B, S] or [B]; mask: valid

@@ -1,7 +1,7 @@
 """Exact KL divergences between the policy and the min-p proxy, over vocab-sharded logits.
 
 The proxy comes from ``proxy_logits`` (pi_old, detached): pi_proxy(v) = p_old(v) / M on the kept set
-K = {v : p_old(v) >= tau}, 0 elsewhere (LP_REG.md section 1). Both functions return one value per
+K = {v : p_old(v) >= tau}, 0 elsewhere (docs/lp_reg.md section 1). Both functions return one value per
 row, differentiable w.r.t. ``logits`` only, and all-reduce per-row partial sums instead of
 gathering the vocabulary.
 

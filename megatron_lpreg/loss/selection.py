@@ -1,4 +1,4 @@
-"""Which tokens Lp-Reg regularises (LP_REG.md section 2), and the percentile used to pick them.
+"""Which tokens Lp-Reg regularises (docs/lp_reg.md section 2), and the percentile used to pick them.
 
 Per side (negative advantages always, positive ones for the "Pos & Neg" ablation):
   pool  = valid tokens with A < 0 (A > 0), or all valid tokens for ``batch_all_tokens``

@@ -229,7 +229,7 @@ def vocab_parallel_entropy(logits, group=None, *, vocab_size=None, chunk_tokens=
 def vocab_parallel_proxy_logprobs(
     logits, target, kappa, threshold="minp", group=None, *, vocab_size=None, chunk_tokens=None
 ):
-    """log pi_proxy(target) (LP_REG.md section 1): -inf where the target is filtered; no grad."""
+    """log pi_proxy(target) (docs/lp_reg.md section 1): -inf where the target is filtered; no grad."""
     with torch.no_grad():
         return vocab_parallel_token_stats(
             logits.detach(), target, group=group, vocab_size=vocab_size, entropy=False,
