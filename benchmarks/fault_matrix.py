@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from megatron_lpreg import checkpointing as ckpt  # noqa: E402
 from megatron_lpreg.faults import FAULT_ENV  # noqa: E402
 from megatron_lpreg.policy.training_checkpoint import OPTIM_DIR, RNG_DIR, STATE_FILE, complete_checkpoints  # noqa: E402
-from megatron_lpreg.logging import read_metrics, run_metrics  # noqa: E402
+from megatron_lpreg.metrics_file import read_metrics, run_metrics  # noqa: E402
 
 STEPS, CHECKPOINT_EVERY, RANKS = 4, 2, 2
 RUN_TIMEOUT_S = 300

@@ -8,13 +8,15 @@ error naming the file, the line and the dotted key. ``loss`` is :class:`LossConf
 :class:`~megatron_lpreg.loss.LpRegConfig` plus ``loss.preset`` (``grpo``, ``clip_higher``, ``gspo``,
 ...: the baseline's fields, then the file's own ``loss`` fields on top). The preset's name is kept,
 so the resolved config.yaml of a run says which loss it trained with.
+
+The sections, their allowed values and limits live here; reading YAML with line numbers and the
+per-type checks are :mod:`megatron_lpreg.typed_yaml`, which knows nothing of the sections.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +26,13 @@ import yaml
 
 from megatron_lpreg.loss.config import PRESETS, LpRegConfig
 from megatron_lpreg.model.build import RECOMPUTE
+from megatron_lpreg.typed_yaml import ConfigError, Source, coerce, parse_override, read_yaml
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "GRPOConfig", "LoggingConfig", "LossConfig",
     "MismatchConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RewardConfig", "RolloutConfig",
     "ValidationConfig", "config_to_dict", "load_config", "save_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A bad configuration file, key or value; the message says where."""
 
 
 @dataclass
@@ -205,114 +204,6 @@ _NON_NEGATIVE = ("grpo.steps", "grpo.max_consecutive_skips", "validation.every",
 
 
 # ------------------------------------------------------------------------------------- loading
-class _Source:
-    """Where values came from: a file (with the line of each dotted key) or the command line."""
-
-    def __init__(self, name: str, lines: dict[str, int] | None = None):
-        self.name, self.lines = name, lines or {}
-
-    def where(self, key: str) -> str:
-        line = self.lines.get(key)
-        return f"{self.name}:{line}: {key}" if line else f"{self.name}: {key}"
-
-
-def _key_lines(node, prefix: str = "", out: dict | None = None) -> dict[str, int]:
-    out = {} if out is None else out
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = f"{prefix}{k.value}"
-            out[key] = k.start_mark.line + 1
-            _key_lines(v, key + ".", out)
-    return out
-
-
-def _read_yaml(path: Path) -> tuple[dict, _Source]:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
-    try:
-        data = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    return data, _Source(str(path), lines)
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp, where: str) -> Any:
-    """``value`` as the annotated type ``tp`` (YAML already typed scalars; ints widen to float)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]  # a single file name is a list of one
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        items = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(items):
-            raise ConfigError(f"{where}: expected a list of {len(items)} values, got {value!r}")
-        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
-    if origin is dict:
-        kt, vt = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")  # pragma: no cover
-
-
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
@@ -321,7 +212,7 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _merge(raw: dict, values: dict[str, dict], sources: dict[str, _Source], source: _Source) -> None:
+def _merge(raw: dict, values: dict[str, dict], sources: dict[str, Source], source: Source) -> None:
     """Fold one file's (or the overrides') nested mapping into ``values[section][field]``."""
     top = _fields(Config)
     for section, body in raw.items():
@@ -343,31 +234,12 @@ def _merge(raw: dict, values: dict[str, dict], sources: dict[str, _Source], sour
             sources[dotted] = source
 
 
-def parse_override(item: str) -> dict:
-    """``a.b=value`` -> ``{"a": {"b": value}}`` with ``value`` read as YAML (``1e-6``, ``[a, b]``)."""
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"command line: {item!r} is not key=value (e.g. grpo.steps=10)")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    out: dict = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
-
-
-def _build_section(section: str, cls, given: dict, sources: dict[str, _Source]):
+def _build_section(section: str, cls, given: dict, sources: dict[str, Source]):
     hints = _hints(cls)
     kwargs = {}
     for key, value in given.items():
         dotted = f"{section}.{key}"
-        kwargs[key] = _coerce(value, hints[key], sources[dotted].where(dotted))
+        kwargs[key] = coerce(value, hints[key], sources[dotted].where(dotted))
     try:
         if cls is LossConfig:
             return _loss_section(kwargs, sources)
@@ -385,7 +257,7 @@ def _build_section(section: str, cls, given: dict, sources: dict[str, _Source]):
         raise ConfigError(f"{where}: {section}: {e}") from None
 
 
-def _loss_section(kwargs: dict, sources: dict[str, _Source]) -> LossConfig:
+def _loss_section(kwargs: dict, sources: dict[str, Source]) -> LossConfig:
     """The preset's fields under the given ones, applied by LpRegConfig.preset (the one place)."""
     preset = kwargs.pop("preset", LossConfig.preset)
     if preset not in PRESETS:
@@ -395,7 +267,7 @@ def _loss_section(kwargs: dict, sources: dict[str, _Source]) -> LossConfig:
     return LossConfig(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(resolved)}, preset=preset)
 
 
-def _check(cfg: Config, sources: dict[str, _Source]) -> None:
+def _check(cfg: Config, sources: dict[str, Source]) -> None:
     def where(key):
         src = sources.get(key)
         return src.where(key) if src else f"default {key}"
@@ -434,16 +306,16 @@ def _check(cfg: Config, sources: dict[str, _Source]) -> None:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The run configuration: defaults < the YAML file (if any) < ``key=value`` overrides."""
     values: dict[str, dict] = {}
-    sources: dict[str, _Source] = {}
+    sources: dict[str, Source] = {}
     if path is not None:
-        raw, source = _read_yaml(Path(path))
+        raw, source = read_yaml(Path(path))
         _merge(raw, values, sources, source)
-    cli = _Source("command line")
+    cli = Source("command line")
     for item in overrides:
         _merge(parse_override(item), values, sources, cli)
     kwargs: dict[str, Any] = {}
     if "run_dir" in values.get("", {}):
-        kwargs["run_dir"] = _coerce(values[""]["run_dir"], str, sources["run_dir"].where("run_dir"))
+        kwargs["run_dir"] = coerce(values[""]["run_dir"], str, sources["run_dir"].where("run_dir"))
     for section, cls in _hints(Config).items():
         if section != "run_dir":
             kwargs[section] = _build_section(section, cls, values.get(section, {}), sources)
@@ -466,6 +338,8 @@ def config_to_dict(cfg: Config) -> dict:
     out = plain(dataclasses.asdict(cfg))
     out["loss"] = {"preset": out["loss"].pop("preset"), **out["loss"]}  # first: the fields below refine it
     return out
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved configuration (atomically) so a run directory says how it was made."""
     path = Path(path)

@@ -1,24 +1,17 @@
 """Training metrics: ``metrics.jsonl`` (the source of truth), Weights & Biases, and the console.
 
 :class:`MetricsLogger` writes one JSON object per :meth:`MetricsLogger.log` call to
-``<run_dir>/metrics.jsonl``::
+``<run_dir>/metrics.jsonl`` in the format of :mod:`megatron_lpreg.metrics_file` (strict JSON,
+non-finite floats as strings; :func:`~megatron_lpreg.metrics_file.read_metrics` reads it back).
 
-    {"step": 3, "time": 1767225600.25, "reward/mean": 0.25, "entropy/mean": 1.23, "loss": "NaN"}
-
-* ``step`` is an int, ``time`` the wall-clock time of the call (Unix seconds, float); the metrics
-  follow in the order given.  Floats stay floats (ints stay ints, bools stay bools).
-* **Non-finite floats** are written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``
-  (the spellings Python's ``float()`` and JavaScript accept), so every line is strict JSON and a
-  diverging loss stays distinguishable from a missing one.  :func:`read_metrics` turns them back
-  into floats; a plain string metric that happens to read ``"NaN"`` therefore comes back as a float.
-* Steps count completed optimiser steps: ``log(k, ...)`` follows step ``k`` and a run resumed
-  from a checkpoint taken after step ``start_step`` logs ``start_step + 1`` next.  When the
-  logger starts, existing lines with ``step > start_step`` (logged after the checkpoint it
-  resumes from) are dropped, as is an unparsable line (a write torn by a crash); the file is
-  rewritten atomically (temp file + ``os.replace``), so a resumed run's file reads like an
-  uninterrupted one.  The rule holds for ``start_step == 0`` too: a fresh run in an existing
-  ``run_dir`` replaces what a previous attempt logged there (a warning says how many lines
-  went).
+Steps count completed optimiser steps: ``log(k, ...)`` follows step ``k`` and a run resumed
+from a checkpoint taken after step ``start_step`` logs ``start_step + 1`` next.  When the
+logger starts, existing lines with ``step > start_step`` (logged after the checkpoint it
+resumes from) are dropped, as is an unparsable line (a write torn by a crash); the file is
+rewritten atomically (temp file + ``os.replace``), so a resumed run's file reads like an
+uninterrupted one.  The rule holds for ``start_step == 0`` too: a fresh run in an existing
+``run_dir`` replaces what a previous attempt logged there (a warning says how many lines
+went).
 
 Weights & Biases is always used; ``metrics.jsonl`` does not depend on it.  The mode is
 ``wandb_mode``, else ``$WANDB_MODE``, else ``"offline"`` without a project and ``"online"`` with
@@ -43,7 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import numbers
 import os
 import secrets
@@ -54,11 +46,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS_FILE", "MetricsLogger", "RUN_ID_FILE", "SUMMARY_FILE", "read_metrics"]
+from megatron_lpreg.metrics_file import METRICS_FILE, atomic_write_text, decode, dumps, parse_line
+
+__all__ = ["MetricsLogger", "RUN_ID_FILE", "SUMMARY_FILE"]
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RUN_ID_FILE = "wandb_run_id"
 DEFAULT_PROJECT = "megatron-lpreg"
@@ -72,12 +65,10 @@ CONSOLE_KEYS: tuple[tuple[str, str, str], ...] = (
 )
 
 _RESERVED = ("step", "time")
-_NONFINITE_TO_STR = {math.inf: "Infinity", -math.inf: "-Infinity"}
-_STR_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
-# --------------------------------------------------------------------------- values and files
+# --------------------------------------------------------------------------- values
 
 
 def _plain(value: Any, key: str) -> Any:
@@ -99,87 +90,6 @@ def _plain(value: Any, key: str) -> Any:
     if isinstance(value, numbers.Real):
         return float(value)
     raise TypeError(f"metric {key!r}: cannot log a value of type {type(value).__name__}")
-
-
-def _encode(value: Any) -> Any:
-    """Plain value -> strict-JSON value (non-finite floats become strings)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else _NONFINITE_TO_STR[value]
-    if isinstance(value, dict):
-        return {k: _encode(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_encode(v) for v in value]
-    return value
-
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, str):
-        return _STR_TO_NONFINITE.get(value, value)
-    if isinstance(value, dict):
-        return {k: _decode(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    return value
-
-
-def _dumps(obj: Any, **kwargs: Any) -> str:
-    return json.dumps(_encode(obj), allow_nan=False, ensure_ascii=False, **kwargs)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _parse_line(line: str) -> dict:
-    """One metrics line -> its (decoded) record; ``ValueError`` if it is not a metrics record."""
-    record = json.loads(line)
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    step = record.get("step")
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise ValueError(f"missing or non-integer 'step': {step!r}")
-    return _decode(record)
-
-
-MACHINE_METRICS = ("time", "memory/", "perf/")  # the wall-clock stamp, time/*, memory/*, perf/*: the machine, not the run
-
-
-def run_metrics(row: dict) -> dict:
-    """``row`` without the machine's measurements: what a resumed run must reproduce exactly."""
-    return {k: v for k, v in row.items() if not k.startswith(MACHINE_METRICS)}
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Read a ``metrics.jsonl`` back: one dict per line, non-finite floats restored.
-
-    Blank lines are skipped.  An unparsable *last* line without a terminating newline is a write
-    in progress (or torn by a crash) and is skipped too; any other malformed line raises
-    ``ValueError("<path>:<line number>: ...")``.
-    """
-    path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    # split() leaves "" after a final newline; a non-empty last element is an unterminated line.
-    records = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(_parse_line(line))
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
-            if lineno == len(lines):
-                break
-            raise ValueError(f"{path}:{lineno}: malformed metrics line: {e}") from e
-    return records
 
 
 def _new_run_id() -> str:
@@ -271,7 +181,7 @@ class MetricsLogger:
             if not line.strip():
                 continue
             try:
-                step = _parse_line(line)["step"]
+                step = parse_line(line)["step"]
             except ValueError:
                 malformed += 1
                 continue
@@ -288,7 +198,7 @@ class MetricsLogger:
                 "line(s), kept %d",
                 self.metrics_path, self.start_step, dropped, malformed, len(kept),
             )
-        _atomic_write_text(self.metrics_path, new_text)
+        atomic_write_text(self.metrics_path, new_text)
 
     def _load_summary(self) -> None:
         if not self.summary_path.exists():
@@ -297,7 +207,7 @@ class MetricsLogger:
             self.summary_path.unlink()
             return
         try:
-            summary = _decode(json.loads(self.summary_path.read_text(encoding="utf-8")))
+            summary = decode(json.loads(self.summary_path.read_text(encoding="utf-8")))
             if not isinstance(summary, dict):
                 raise ValueError(f"expected a JSON object, got {type(summary).__name__}")
             self._summary = summary
@@ -328,7 +238,7 @@ class MetricsLogger:
         if run_id is None:
             run_id = _new_run_id()
             # Written before init, so a resume finds the id even if this init fails.
-            _atomic_write_text(id_path, run_id + "\n")
+            atomic_write_text(id_path, run_id + "\n")
         self.wandb_run_id = run_id
         try:
             import wandb
@@ -390,7 +300,7 @@ class MetricsLogger:
             )
         self._last_step = step if self._last_step is None else max(self._last_step, step)
 
-        self._file.write(_dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self._file.write(dumps({"step": step, "time": time.time(), **values}) + "\n")
         self._file.flush()
 
         if self.wandb_run is not None:
@@ -421,7 +331,7 @@ class MetricsLogger:
             return
         values = {str(k): _plain(v, str(k)) for k, v in metrics.items()}
         self._summary.update(values)
-        _atomic_write_text(self.summary_path, _dumps(self._summary, indent=2) + "\n")
+        atomic_write_text(self.summary_path, dumps(self._summary, indent=2) + "\n")
         if self.wandb_run is not None:
             try:
                 self.wandb_run.summary.update(values)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_lpreg.logging import METRICS_FILE, read_metrics
+from megatron_lpreg.metrics_file import METRICS_FILE, read_metrics
 
 CONFIG_FILE = "config.yaml"
 

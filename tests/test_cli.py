@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_lpreg.logging import read_metrics
+from megatron_lpreg.metrics_file import read_metrics
 from tests.grpo.tiny_run import make_data, make_policy_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from megatron_lpreg.config import load_config
-from megatron_lpreg.logging import read_metrics
+from megatron_lpreg.metrics_file import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "tiny_cpu" / "config.yaml"

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_lpreg.logging import (
-    METRICS_FILE,
-    RUN_ID_FILE,
-    SUMMARY_FILE,
-    MetricsLogger,
-    read_metrics,
-)
+from megatron_lpreg.logging import RUN_ID_FILE, SUMMARY_FILE, MetricsLogger
+from megatron_lpreg.metrics_file import METRICS_FILE, read_metrics
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_lpreg.policy.training_checkpoint import complete_checkpoints
-from megatron_lpreg.logging import read_metrics, run_metrics
+from megatron_lpreg.metrics_file import read_metrics, run_metrics
 from tests.distributed import run_distributed
 from tests.grpo.tiny_run import tiny_config
 

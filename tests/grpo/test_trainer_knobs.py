@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from megatron_lpreg.grpo.reward_shaping import overlong_penalty
-from megatron_lpreg.logging import read_metrics
+from megatron_lpreg.metrics_file import read_metrics
 from tests.distributed import run_distributed
 from tests.grpo.tiny_run import tiny_config
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from megatron_lpreg.logging import read_metrics
+from megatron_lpreg.metrics_file import read_metrics
 from tests.distributed import run_distributed
 from tests.grpo.tiny_run import make_data, make_policy_dir, tiny_config
 

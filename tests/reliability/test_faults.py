@@ -18,7 +18,7 @@ import torch
 from benchmarks import fault_matrix as fm
 from megatron_lpreg.faults import Fault, parse_faults
 from megatron_lpreg.policy.training_checkpoint import complete_checkpoints
-from megatron_lpreg.logging import read_metrics
+from megatron_lpreg.metrics_file import read_metrics
 from tests.distributed import run_distributed
 from tests.grpo.tiny_run import tiny_config
 

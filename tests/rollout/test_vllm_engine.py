@@ -259,7 +259,7 @@ def _train(ctx, run_dir, policy, data):
 
 def test_grpo_steps_with_vllm_engine(tmp_path, monkeypatch):
     _vllm()
-    from megatron_lpreg.logging import read_metrics
+    from megatron_lpreg.metrics_file import read_metrics
     from tests.grpo.tiny_run import make_data
 
     monkeypatch.setenv("WANDB_MODE", "offline")
