@@ -2,7 +2,7 @@
 
     cfg = load_config("examples/tiny_cpu/config.yaml", ["grpo.steps=3", "loss.preset=grpo"])
 
-Defaults are the published Lp-Reg settings (LP_REG.md section 6); a YAML file only states what
+Defaults are the published Lp-Reg settings (docs/lp_reg.md section 6); a YAML file only states what
 differs. Every value is checked against its field's type when loaded, and a bad key or value is an
 error naming the file, the line and the dotted key. ``loss`` is :class:`LossConfig`:
 :class:`~megatron_lpreg.loss.LpRegConfig` plus ``loss.preset`` (``grpo``, ``clip_higher``, ``gspo``,
