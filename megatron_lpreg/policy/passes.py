@@ -59,7 +59,8 @@ class PolicyContext:
 
 @dataclass
 class Scores:
-    """Flat [R] per response token, the batch's order (RolloutBatch's layout)."""
+    """Flat [R] per response token, the batch's order (RolloutBatch's layout), float32 (float64 for a
+    float64 model)."""
 
     old_logprobs: torch.Tensor
     entropy: torch.Tensor
@@ -68,10 +69,12 @@ class Scores:
     ref_logprobs: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, tokens: int, device, loss_cfg: LpRegConfig, reference: bool = False) -> "Scores":
-        zeros = lambda: torch.zeros(tokens, dtype=torch.float32, device=device)  # noqa: E731
-        return cls(zeros(), zeros(), zeros() if loss_cfg.enabled else torch.full((tokens,), float("-inf"), device=device),
-                   zeros() if loss_cfg.enabled else None, zeros() if reference else None)
+    def empty(cls, tokens: int, pc: "PolicyContext", loss_cfg: LpRegConfig, reference: bool = False) -> "Scores":
+        # float32 at least (bf16 statistics are computed in float32), float64 for a float64 model.
+        dtype = torch.promote_types(torch.float32, next(pc.model.parameters()).dtype)
+        zeros = lambda: torch.zeros(tokens, dtype=dtype, device=pc.device)  # noqa: E731
+        proxy = zeros() if loss_cfg.enabled else torch.full((tokens,), float("-inf"), dtype=dtype, device=pc.device)
+        return cls(zeros(), zeros(), proxy, zeros() if loss_cfg.enabled else None, zeros() if reference else None)
 
     def write(self, mb: MicroBatch, stats, proxy: bool) -> None:
         """A micro-batch's per-response-token stats (compact [R_mb]) into their flat places."""
@@ -120,7 +123,7 @@ def recompute_logprobs(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCo
     """Old log-probs, entropies and, for Lp-Reg, the proxy log-probs and kept masses of every
     response token; with a reference model, its log-probs too."""
     pc.model.eval()
-    scores = Scores.empty(batch.response_tokens, pc.device, loss_cfg, reference=pc.ref_model is not None)
+    scores = Scores.empty(batch.response_tokens, pc, loss_cfg, reference=pc.ref_model is not None)
     for mb in microbatches(pc, batch, list(range(len(batch)))):
         targets = mb.response_targets()
         stats = vocab_parallel_token_stats(
@@ -186,7 +189,7 @@ def train(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimiz
         raise ValueError("scores_from_forward needs one mini-batch and one epoch (on_policy_scores)")
     pc.model.train()
     metrics, steps, clock = MetricSums(), [], Stopwatch(pc.device)
-    scores = Scores.empty(batch.response_tokens, pc.device, loss_cfg) if scores_from_forward else None
+    scores = Scores.empty(batch.response_tokens, pc, loss_cfg) if scores_from_forward else None
     need_entropy = loss_cfg.entropy_coef > 0 or loss_cfg.high_entropy_fraction < 1.0 or scores_from_forward
     want_proxy = loss_cfg.enabled and (loss_cfg.proxy_source == "current" or scores_from_forward)
     dp_group = group_or_none(pc.dp_group)

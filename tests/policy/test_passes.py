@@ -82,9 +82,9 @@ def test_on_policy_scores_from_the_training_forward_equal_the_separate_pass(tmp_
                 if a is None:
                     assert b is None and name == "grpo"
                     continue
-                assert a.dtype == torch.float32  # scores are stored in float32 whatever the model's dtype
+                assert a.dtype == b.dtype == torch.float64  # a float64 model's scores keep float64
                 assert torch.equal(torch.isinf(a), torch.isinf(b)), (name, field)
-                torch.testing.assert_close(a[a.isfinite()], b[b.isfinite()], rtol=0, atol=1e-6)
+                torch.testing.assert_close(a[a.isfinite()], b[b.isfinite()], rtol=0, atol=1e-12)
             assert m_sep["loss/policy"] == pytest.approx(m_fused["loss/policy"], rel=0, abs=1e-12), name
             assert m_sep.get("lpreg/selected") == m_fused.get("lpreg/selected"), name
             if name != "grpo":
@@ -107,14 +107,14 @@ def _response_only_logits(ctx, directory):
     with torch.no_grad():
         full = vocab_parallel_logprobs(model_logits(pc.model, mb.tokens), mb.targets, group=pc.tp_group,
                                        vocab_size=spec.vocab_size)
-    return scores.old_logprobs, full.reshape(-1)[mb.response_index].float()
+    return scores.old_logprobs, full.reshape(-1)[mb.response_index]
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_response_positions_only_give_the_full_logits_numbers(tmp_path, tp):
     directory = save_tiny_model("qwen2", tmp_path / "qwen2")
     for ours, full in run_distributed(_response_only_logits, world_size=tp, tp_size=tp, args=(str(directory),)):
-        torch.testing.assert_close(ours, full, rtol=0, atol=1e-6)  # float32 storage of float64 numbers
+        torch.testing.assert_close(ours, full, rtol=0, atol=1e-12)
 
 
 def _proxy_sources(ctx, directory):
