@@ -24,10 +24,10 @@ decay, grad-norm clip 1, no KL term (TRL beta=0, ours loss.ref_kl_coef=0), no gr
 Clip epsilon: 0.2 / 0.2 for GRPO and TRL; Lp-Reg keeps its own clip (on-policy the ratio is 1, so the
 clip range does not change the cost).
 
-What differs by design, and shows in the phase split: ours recomputes the old (and, for Lp-Reg,
-proxy) log-probs in a no-grad pass (``logprob``) and copies the new weights into a separate rollout
-engine (``refit``); TRL on-policy skips the old log-prob pass and generates with the training model
-itself. Responses are sampled independently on each side, so lengths differ when the model can stop
+What differs by design, and shows in the phase split: ours copies the new weights into a separate
+rollout engine (``refit``), TRL generates with the training model itself. On-policy neither runs a
+separate old log-prob pass (ours takes the old log-probs and the Lp-Reg proxy from the training
+forward, so ``logprob`` is ~0). Responses are sampled independently on each side, so lengths differ when the model can stop
 early: the mean response length per system is printed, and the ratio per response token too.
 
 Phases: ours are the trainer's own ``time/*`` metrics (``other``: the step's unattributed rest, e.g.
