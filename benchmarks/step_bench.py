@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     step_s = med["time/step"]
     print(f"step-time breakdown ({cfg.loss.enabled and 'Lp-Reg' or 'GRPO'}, median of {args.steps} steps):")
     for k in PHASES:
-        print(f"  {k:<16}{med[k]:>9.3f} s {med[k] / step_s:>7.1%}")
+        print(f"  {k:<22}{med[k]:>9.3f} s {med[k] / step_s:>7.1%}")
     lp, gr = statistics.median(paired["lp_reg"]), statistics.median(paired["grpo"])
     print(f"\nlog-prob pass + updates on identical batches: lp_reg {lp:.3f} s, grpo {gr:.3f} s, "
           f"ratio {lp / gr:.3f}")
