@@ -234,8 +234,12 @@ def microbatch(batch: RolloutBatch, rows: Sequence[int], pad_id: int, pad_to_mul
     tokens.view(-1)[dst] = batch.tokens[src]
     targets.view(-1)[tgt_dst] = batch.tokens[tgt_src]
     loss_mask = torch.zeros(tokens.shape, dtype=torch.bool, device=dev)
-    trained = batch.trained_mask()
-    loss_mask.view(-1)[resp_idx] = trained[resp_slot]
+    if batch.trainable is None:
+        loss_mask.view(-1)[resp_idx] = True
+    else:
+        response_lens = torch.tensor([batch.response_lens[i] for i in rows], device=dev)
+        loss_mask.view(-1)[resp_idx] = torch.repeat_interleave(batch.trainable[rows], response_lens,
+                                                               output_size=len(resp_idx))
     return MicroBatch(rows, tokens, targets, loss_mask, batch.advantages[rows], resp_idx, resp_slot, batch, lens)
 
 
