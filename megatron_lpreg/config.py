@@ -166,6 +166,7 @@ class LoggingConfig:
     wandb_name: str | None = None  # run name (also the legend in `megatron-lpreg plot`)
     wandb_entity: str | None = None  # wandb team or user
     console: bool = True  # progress bar and a line per step on rank 0
+    peak_tflops: float | None = None  # this device's peak for perf/mfu (e.g. a GPU's datasheet); null: measured at start
 
 
 @dataclass
@@ -283,6 +284,8 @@ def _check(cfg: Config, sources: dict[str, Source]) -> None:
         if value < 0 or (key in _POSITIVE and value == 0):
             kind = "positive" if key in _POSITIVE else "non-negative"
             raise ConfigError(f"{where(key)}: must be {kind}, got {value!r}")
+    if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
+        raise ConfigError(f"{where('logging.peak_tflops')}: must be positive, got {cfg.logging.peak_tflops!r}")
     if cfg.rollout.n < 2:
         raise ConfigError(f"{where('rollout.n')}: {cfg.rollout.n} responses per prompt; group advantages need at least 2")
     g = cfg.grpo

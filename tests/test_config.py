@@ -47,6 +47,7 @@ def test_file_then_overrides(tmp_path):
     ("", ["model.dtype=fp8"], "command line: model.dtype: 'fp8' is not one of"),
     ("", ["grpo.mini_batch_prompts=100"], "grpo.mini_batch_prompts: 100 does not divide grpo.prompts_per_step=256"),
     ("", ["rollout.n=0"], "command line: rollout.n: must be positive"),
+    ("logging:\n  peak_tflops: -1\n", [], "run.yaml:2: logging.peak_tflops: must be positive"),
     ("", ["loss.preset=ppo"], "unknown preset 'ppo'"),
     ("", ["loss.rho=2"], "LpRegConfig.rho=2.0"),
     ("", ["grpo.steps"], "is not key=value"),

@@ -112,7 +112,8 @@ class GRPOTrainer:
         self.refitter = EngineRefit(cfg, self.engine, ctx.tp, ctx.device)
         self.memory = PhasePeaks(ctx.device)
         self.minibatches = g.prompts_per_step // g.mini_batch_prompts
-        self.peak_flops = measure_peak_flops(ctx.device, getattr(torch, m.dtype))
+        peak = cfg.logging.peak_tflops
+        self.peak_flops = peak * 1e12 if peak else measure_peak_flops(ctx.device, getattr(torch, m.dtype))
         self.resumed_from = self._resume()
         self.refit()
         self.metrics_logger = self._make_logger()
@@ -140,9 +141,10 @@ class GRPOTrainer:
                                       eps=g.adv_eps, normalize_std=g.normalize_adv_std)
         trainable = truncated_mask(rollout) if c.reward.mask_truncated else None
         batch = to_batch(rollout, advantages, trainable, self.ctx.device)
-        with self._phase("logprob", times):  # on-policy the training forward gives them instead
-            scores = None if self.on_policy else recompute_logprobs(self.policy, batch, c.loss)
-        if scores is not None:
+        scores, times["time/logprob"] = None, 0.0  # on-policy the training forward gives them
+        if not self.on_policy:
+            with self._phase("logprob", times):
+                scores = recompute_logprobs(self.policy, batch, c.loss)
             batch.set(old_logprobs=scores.old_logprobs, proxy_logprobs=scores.proxy_logprobs,
                       ref_logprobs=scores.ref_logprobs)
         masked = self.mask_mismatched(batch)
