@@ -22,6 +22,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg.parallel import group_or_none
+
 MB = 1024 ** 2
 
 _libc = None
@@ -126,14 +128,14 @@ class PhasePeaks:
             self._peaks[name] = (peak, max(peak - start, 0))
 
     def metrics(self, group=None) -> dict[str, float]:
-        """The phases measured since the last call, in MB, max over ``group`` (collective when
-        ``torch.distributed`` is initialised: every rank must call it with the same phases)."""
+        """The phases measured since the last call, in MB, max over ``group`` (collective: every
+        rank of the group calls it with the same phases; None: this rank's own)."""
         names = sorted(self._peaks)
         values = torch.tensor([v for n in names for v in self._peaks[n]], dtype=torch.float64)
         self._peaks.clear()
         if not names:
             return {}
-        if dist.is_available() and dist.is_initialized():
+        if group_or_none(group) is not None:
             values = values.to(self.device)
             dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
             values = values.cpu()

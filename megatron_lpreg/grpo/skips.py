@@ -35,7 +35,8 @@ class SkipCounter:
 
 def weights_finite(model, group=None) -> bool:
     """Every parameter finite on every rank of ``group`` (collective; None: this rank only)."""
-    bad = torch.tensor([0.0])
+    # On the parameters' device: an NCCL group cannot reduce a host tensor.
+    bad = torch.zeros(1, device=next(model.parameters()).device)
     with torch.no_grad():
         for p in model.parameters():
             if not torch.isfinite(p).all():

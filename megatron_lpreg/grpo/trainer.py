@@ -162,7 +162,7 @@ class GRPOTrainer:
         if masked is not None:
             sums.add({"mismatch/masked_seqs": masked / max(len(batch), 1)}, weight=len(batch))
         metrics = {**sums.reduce(self.ctx.dp), **optimizer_metrics(trained.steps), **rollout.metrics, **times,
-                   **trained.seconds, **self.memory.metrics(), "time/rollout": rollout.generate_s,
+                   **trained.seconds, **self.memory.metrics(torch.distributed.group.WORLD), "time/rollout": rollout.generate_s,
                    "time/reward": rollout.reward_s, "refit/mb": refit.bytes / MB,
                    "memory/model_mb": parameter_bytes(self.model) / MB}
         metrics["time/step"] = time.perf_counter() - t0
