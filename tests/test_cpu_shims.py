@@ -23,15 +23,22 @@ def shims():
 def test_apply_is_idempotent_and_remove_restores():
     import megatron.core.tensor_parallel.random as mrandom
 
-    before = (torch.cuda.current_device, torch.cuda.synchronize, mrandom._CUDA_RNG_STATE_TRACKER)
-    cpu_shims.apply()
-    cpu_shims.apply()
-    assert torch.cuda.current_device() == "cpu"
-    assert torch.cuda.synchronize() is None
-    assert isinstance(mrandom.get_cuda_rng_tracker(), cpu_shims.CPURNGStatesTracker)
+    # An earlier in-process test (e.g. evaluate's) may have installed them: start from torch's own.
+    was_applied = cpu_shims.applied()
     cpu_shims.remove()
-    assert (torch.cuda.current_device, torch.cuda.synchronize, mrandom._CUDA_RNG_STATE_TRACKER) == before
-    assert not cpu_shims.applied()
+    before = (torch.cuda.current_device, torch.cuda.synchronize, mrandom._CUDA_RNG_STATE_TRACKER)
+    try:
+        cpu_shims.apply()
+        cpu_shims.apply()
+        assert torch.cuda.current_device() == "cpu"
+        assert torch.cuda.synchronize() is None
+        assert isinstance(mrandom.get_cuda_rng_tracker(), cpu_shims.CPURNGStatesTracker)
+        cpu_shims.remove()
+        assert (torch.cuda.current_device, torch.cuda.synchronize, mrandom._CUDA_RNG_STATE_TRACKER) == before
+        assert not cpu_shims.applied()
+    finally:
+        if was_applied:
+            cpu_shims.apply()
 
 
 def test_rng_tracker_forks_reproducible_streams_without_touching_the_default(shims):
