@@ -66,6 +66,7 @@ class RolloutBatch:
     proxy_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     engine_logprobs: torch.Tensor | None = None
+    lengths: list[int] = field(init=False)  # prompt + response, per sequence
     seq_starts: list[int] = field(init=False)
     response_starts: list[int] = field(init=False)
 
@@ -76,6 +77,7 @@ class RolloutBatch:
         for i, (p, r) in enumerate(zip(self.prompt_lens, self.response_lens)):
             if p < 1 or r < 0:
                 raise ValueError(f"sequence {i}: need prompt_len >= 1 and response_len >= 0, got {p}, {r}")
+        self.lengths = [p + r for p, r in zip(self.prompt_lens, self.response_lens)]
         total = sum(self.lengths)
         if self.tokens.dim() != 1 or self.tokens.numel() != total:
             raise ValueError(f"tokens must be 1-D with sum(prompt_lens + response_lens) = {total} entries, "
@@ -108,11 +110,6 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
-
-    @property
-    def lengths(self) -> list[int]:
-        """Prompt + response length of each sequence."""
-        return [p + r for p, r in zip(self.prompt_lens, self.response_lens)]
 
     @property
     def response_tokens(self) -> int:
