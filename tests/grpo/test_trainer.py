@@ -27,9 +27,10 @@ def _train(ctx, run_dir, policy, data, overrides):
         return {"changed": changed, "params": len(initial), "step": trainer.step}
 
 
-# tp2 refits through shared memory (the CPU default), dp2 streams buckets (its fallback).
-@pytest.mark.parametrize("tp,overrides", [(2, ()), (1, ("rollout.refit_shared_memory=false",))],
-                         ids=["tp2", "dp2"])
+# tp2 refits through shared memory (the CPU default) and trains on-policy (one mini-batch: the old
+# log-probs come from the training forward); dp2 streams buckets (its fallback), two mini-batches.
+@pytest.mark.parametrize("tp,overrides", [(2, ("grpo.mini_batch_prompts=4",)),
+                                          (1, ("rollout.refit_shared_memory=false",))], ids=["tp2", "dp2"])
 def test_three_steps(tmp_path, assets, tp, overrides):
     policy, data = assets
     results = run_distributed(_train, world_size=2, tp_size=tp, args=(str(tmp_path), policy, data, overrides),
@@ -42,7 +43,11 @@ def test_three_steps(tmp_path, assets, tp, overrides):
     assert set(rows[0]) >= {"val/aime/avg@2", "val/arith/avg@1", "val/mean"}
     for row in rows[1:]:
         assert all(v is None or math.isfinite(v) for v in row.values() if isinstance(v, float))
-        assert row["optim/steps"] == 2 and row["optim/skipped_steps"] == 0
+        on_policy = tp == 2
+        assert row["optim/steps"] == (1 if on_policy else 2) and row["optim/skipped_steps"] == 0
+        assert (row["time/logprob"] == 0) == on_policy  # the separate pass runs only off-policy
+        assert row["time/train/forward"] > 0 and row["time/train/backward"] > 0 and row["time/train/optimizer"] > 0
+        assert row["perf/mfu"] > 0 and row["perf/tokens_per_s"] > 0  # (the peak is measured: no upper bound)
         # Every response token is trained on once per epoch: 4 prompts x 4 responses, <= 12 tokens each.
         assert row["loss/tokens"] == pytest.approx(16 * row["response/length_mean"]) and row["loss/tokens"] <= 192
         assert 0 < row["reward/mean"] < 1
