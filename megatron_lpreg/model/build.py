@@ -156,7 +156,8 @@ def model_logits(
     TP rank r holds global vocab ids [r * V_local, (r + 1) * V_local); ids >= the real vocab size
     are padding. Positions are 0..S-1 for every row (no left padding). ``attention_mask``
     [B, 1, S, S] bool (True = masked) replaces the causal mask, e.g. block-diagonal for packed rows
-    (``grpo.packing``); only the local layer spec honours it (TE's attention applies its own).
+    (``grpo.packing``); only the local layer spec honours it (TE's attention applies its own). With
+    no mask the local spec's SDPA attention runs causal without materialising one (CPU and CUDA).
 
     ``positions``: only these positions go through the output layer, -> [N, V_padded / TP]. Either
     flat indices into the row-major [B * S] positions (in the order wanted; what a caller should
