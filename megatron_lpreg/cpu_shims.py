@@ -8,8 +8,9 @@ GPU is present, because each shim changes global torch or megatron state.
 3. ``torch.cuda.synchronize`` -> no-op: dist_checkpointing calls it around saves and loads.
 4. megatron's CUDA RNG state get/set -> the CPU generator: activation recomputation saves and
    restores it around each recomputed layer.
-5. ``causal_attention_mask``: megatron's default causal mask is created on "cuda", so CPU callers
-   pass this explicit one.
+5. ``causal_attention_mask``: megatron's unfused attention creates its default causal mask on
+   "cuda", so CPU callers of that attention pass this explicit one (the local spec's default SDPA
+   attention needs none).
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ def transformer_engine_available() -> bool:
 
 
 RECOMPUTE = ("none", "full")
+# Core attention of the local layer spec: "sdpa" (torch's fused scaled_dot_product_attention, the
+# default) or "unfused" (megatron's DotProductAttention: explicit scores and softmax; kept as the
+# exactness reference for tests and benchmarks).
+LOCAL_ATTENTION = ("sdpa", "unfused")
 
 
 def transformer_config(
@@ -89,6 +93,7 @@ def build_gpt_model(
     use_te: bool | None = None,
     vocab_padding_tp: int | None = None,
     recompute: str = "none",
+    local_attention: str = "sdpa",
 ):
     """A megatron-core GPTModel for ``spec`` on this TP rank (TP size from ``parallel_state``).
 
@@ -99,11 +104,15 @@ def build_gpt_model(
     ``vocab_padding_tp`` pads the vocabulary as that TP size would (a one-process converter writes
     the exact shapes of a TP=N run). Built inside ``torch.device("meta")`` the model allocates
     nothing; converters materialise it a layer at a time with ``to_empty``.
+    ``local_attention`` picks the local spec's core attention (``LOCAL_ATTENTION``); the TE spec
+    ignores it. Neither choice has parameters, so checkpoints and weight tables are the same.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    if local_attention not in LOCAL_ATTENTION:
+        raise ModelBuildError(f"local_attention={local_attention!r}: expected one of {list(LOCAL_ATTENTION)}")
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     check_tp(spec, tp_size)
     if use_te is None:
@@ -117,6 +126,10 @@ def build_gpt_model(
     else:
         # normalization="RMSNorm" selects torch's RMSNorm (the default would be apex/LayerNorm).
         layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+        if local_attention == "sdpa":
+            from megatron_lpreg.model.sdpa_attention import SDPADotProductAttention
+
+            layer_spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     model = GPTModel(
         config=transformer_config(spec, tp_size, dtype, use_te, recompute),
         transformer_layer_spec=layer_spec,
@@ -143,7 +156,8 @@ def model_logits(
     TP rank r holds global vocab ids [r * V_local, (r + 1) * V_local); ids >= the real vocab size
     are padding. Positions are 0..S-1 for every row (no left padding). ``attention_mask``
     [B, 1, S, S] bool (True = masked) replaces the causal mask, e.g. block-diagonal for packed rows
-    (``grpo.packing``); only the local layer spec honours it (TE's attention applies its own).
+    (``grpo.packing``); only the local layer spec honours it (TE's attention applies its own). With
+    no mask the local spec's SDPA attention runs causal without materialising one (CPU and CUDA).
 
     ``positions``: only these positions go through the output layer, -> [N, V_padded / TP]. Either
     flat indices into the row-major [B * S] positions (in the order wanted; what a caller should
@@ -152,12 +166,16 @@ def model_logits(
     and the [B, S, V] output, shrinks to the positions read: a response's tokens and the last
     prompt position, which predicts the first response token.
     """
+    from megatron_lpreg.model.sdpa_attention import needs_explicit_causal_mask
+
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
     if attention_mask is not None:
         attention_mask = attention_mask.to(input_ids.device)
-    elif input_ids.device.type == "cuda":
-        attention_mask = None  # megatron (TE / its fused softmax) applies the causal mask itself
+    elif input_ids.device.type == "cuda" or not needs_explicit_causal_mask(model):
+        # TE, SDPA and megatron's CUDA softmax apply the causal mask themselves (SDPA's is_causal
+        # also skips the masked half of the work).
+        attention_mask = None
     else:
         # Megatron's unfused softmax builds its default causal mask on the CUDA device: on CPU it
         # must be passed in explicitly.
