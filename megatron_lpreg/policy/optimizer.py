@@ -173,13 +173,18 @@ class PolicyOptimizer(OptimizerStateMixin):
         # A weak reference: the model (hook) must not keep a replaced optimizer alive, and a dead
         # one's hook must leave p.grad alone.
         ref = weakref.ref(self)
+
+        def hook(i: int) -> None:
+            opt = ref()
+            if opt is not None:
+                opt._accumulate(i)
+
         for i in self._hooked:
             p = self.params[i]
             old = getattr(p, "_lpreg_main_grad_hook", None)
             if old is not None:  # an earlier optimizer over this model: only one may take p.grad
                 old.remove()
-            p._lpreg_main_grad_hook = p.register_post_accumulate_grad_hook(
-                lambda param, i=i: (opt := ref()) is not None and opt._accumulate(i))
+            p._lpreg_main_grad_hook = p.register_post_accumulate_grad_hook(lambda _, i=i: hook(i))
 
     def _main_buffer(self) -> torch.Tensor:
         if self._main_flat is None:
