@@ -9,14 +9,15 @@ Parameters (exact): embedding V h; per layer q/k/v/o h (q + 2 kv) + q h, q/k/v b
 V h unless tied. On one GPU: the TP-sharded tensors (linears, biases, embedding/output over V') / t
 plus the replicated ones (RMSNorm weights).
 
-Training state (policy/optimizer.py: torch AdamW over fp32 masters): weights a P + gradients a P
-(param dtype) + fp32 master 4 P (none for an fp32 model) + exp_avg and exp_avg_sq 8 P = 16 B/param
-in bf16. The step itself casts every gradient to fp32 (+4 P) and foreach AdamW allocates
-sqrt(exp_avg_sq) for all parameters at once (+4 P): 24 B/param while it runs (no activations then).
-zero_grad drops the gradients afterwards, so 14 B/param stay resident through the rollout.
---distributed-optimizer (the default; PolicyOptimizer(shard_over_dp=True), ZeRO-1) keeps master
-(also for an fp32 model) and moments for 1/DP of the parameters: 12/DP B/param, and sqrt(v) is
-4/DP; the flat fp32 gradient buffer that is reduce-scattered stays 4 P. The formulas below are
+Training state (policy/optimizer.py: torch AdamW over fp32 masters): weights a P + gradients 4 P
+(fp32 in any model dtype: a bf16 model accumulates its micro-batches in fp32 main grads) + fp32
+master 4 P (none for an fp32 model) + exp_avg and exp_avg_sq 8 P = 18 B/param in bf16. During the
+step foreach AdamW allocates sqrt(exp_avg_sq) for all parameters at once (+4 P): 22 B/param while it
+runs (no activations then). zero_grad drops the gradients afterwards, so 14 B/param stay resident
+through the rollout. --distributed-optimizer (the default; PolicyOptimizer(shard_over_dp=True),
+ZeRO-1) keeps master (also for an fp32 model) and moments for 1/DP of the parameters: 12/DP B/param,
+and sqrt(v) is 4/DP; in bf16 the main grads are the flat fp32 buffer that is reduce-scattered, an
+fp32 model copies its grads into one during the step (+4 P). The formulas below are
 written for the unsharded optimizer; with it, read 12/DP for the 12 B of master and moments.
 
 Activations of one micro-batch, T = max(micro_batch_tokens, prompt + response) (a longer sequence
@@ -41,8 +42,8 @@ one sequence means vLLM refuses to start. Asleep (level 1: KV cache freed, weigh
 CPU) it keeps ~0.5 GiB.
 
 Peaks, each + 3 GiB of CUDA context, NCCL buffers and allocator slack:
-    training micro-batch = 16 B/param state + activations + asleep engine
-    optimizer step       = 16 B/param state + 8 B/param step temporaries + asleep engine
+    training micro-batch = 18 B/param state + activations + asleep engine
+    optimizer step       = 18 B/param state + 4 B/param step temporaries + asleep engine
     rollout              = 14 B/param (weights, master, moments) + the engine's reservation
 """
 
@@ -146,7 +147,7 @@ class Plan:
     grads_gib: float
     master_gib: float
     adam_gib: float
-    step_temporaries_gib: float  # fp32 gradient copies + AdamW's sqrt(exp_avg_sq), during the step
+    step_temporaries_gib: float  # AdamW's sqrt(exp_avg_sq) (+ fp32 flat grads for fp32 ZeRO-1), during the step
     distributed_optimizer_state_gib: float  # the state with master and moments sharded over dp
     # activations of one micro-batch
     activation_tokens: int
@@ -205,12 +206,12 @@ def estimate(spec: ModelSpec, *, tp: int, dp: int, dtype_bytes: int, micro_batch
     params = count_parameters(spec, tp)
     P = params.per_gpu
 
-    weights, grads = a * P / GIB, a * P / GIB
+    weights, grads = a * P / GIB, 4 * P / GIB  # fp32 main grads
     dist_state = weights + grads + 12 * P / dp / GIB
-    if distributed_optimizer:  # a master slice even for fp32; the whole flat fp32 grad + sqrt(v) of the slice
-        master, adam, step_tmp = 4 * P / dp / GIB, 8 * P / dp / GIB, (4 + 4 / dp) * P / GIB
-    else:  # fp32 copies of the grads (none if already fp32) + sqrt(v)
-        master, adam, step_tmp = (0 if a == 4 else 4) * P / GIB, 8 * P / GIB, ((0 if a == 4 else 4) + 4) * P / GIB
+    if distributed_optimizer:  # a master slice even for fp32; sqrt(v) of the slice (+ fp32's flat grad copy)
+        master, adam, step_tmp = 4 * P / dp / GIB, 8 * P / dp / GIB, ((4 if a == 4 else 0) + 4 / dp) * P / GIB
+    else:  # sqrt(v); the step reads the fp32 grads in place
+        master, adam, step_tmp = (0 if a == 4 else 4) * P / GIB, 8 * P / GIB, 4 * P / GIB
     state = weights + grads + master + adam
 
     seq = max_prompt_len + max_response_len
@@ -252,8 +253,8 @@ def estimate(spec: ModelSpec, *, tp: int, dp: int, dtype_bytes: int, micro_batch
         errors.append(f"training micro-batch needs {training_peak:.1f} GiB > {mem:g} GiB (state {state:.1f}, "
                       f"activations {activations:.1f}): {', '.join(fixes)}; {dist_note}")
     if step_peak > mem:
-        errors.append(f"optimizer step needs {step_peak:.1f} GiB > {mem:g} GiB (state {state:.1f} + fp32 grads and "
-                      f"AdamW temporaries {step_tmp:.1f}): larger TP; {dist_note}")
+        errors.append(f"optimizer step needs {step_peak:.1f} GiB > {mem:g} GiB (state {state:.1f} + AdamW "
+                      f"temporaries {step_tmp:.1f}): larger TP; {dist_note}")
     if rollout_peak > mem:
         offload = "optimizer offload" if distributed_optimizer else "a distributed optimizer / optimizer offload"
         fix = (f"lower rollout.gpu_memory_utilization to <= {max_util:.2f}" if max_util >= min_util else

@@ -120,10 +120,10 @@ def format_plan(plan: Plan, name: str, spec: ModelSpec, nodes: int, gpus_per_nod
     row(f"training state (AdamW, master and moments sharded over dp {plan.dp})" if plan.distributed_optimizer
         else "training state (AdamW, not sharded over DP)")
     row(f"  weights ({dtype})", plan.weights_gib)
-    row(f"  gradients ({dtype})", plan.grads_gib)
+    row("  gradients (fp32 main grads)", plan.grads_gib)
     row("  fp32 master weights", plan.master_gib)
     row("  AdamW exp_avg + exp_avg_sq (fp32)", plan.adam_gib)
-    row("  optimizer step: fp32 grads + sqrt temp", plan.step_temporaries_gib, "only during the step")
+    row("  optimizer step: sqrt(exp_avg_sq) temp", plan.step_temporaries_gib, "only during the step")
     row(f"activations (micro-batch of {tok:,} tokens, recompute {plan.recompute})")
     row(f"  {spec.num_layers} layers + final norm / output inputs", plan.layer_activations_gib)
     if plan.recompute == "full":

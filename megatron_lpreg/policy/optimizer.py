@@ -13,12 +13,22 @@ update touch the slice, and the updated slices are all-gathered back into the mo
 fp32 model gets a master slice too (its parameters are not one flat buffer that AdamW could update
 in place).
 
+Gradients of a parameter that is not fp32 accumulate in fp32 (megatron DDP's main grads): bf16
+sums of many micro-batches lose ~1e-2 relative accuracy (8 bits of mantissa) before the fp32
+master ever sees them. A post-accumulate-grad hook adds each backward's ``p.grad`` into the
+parameter's span of one flat fp32 buffer laid out like ``FlatLayout`` (for ZeRO-1 it is the buffer
+that is reduce-scattered) and frees ``p.grad``. The buffer lives from the first backward of a step
+to ``zero_grad``, so between steps (the rollout) it holds no memory. fp32 parameters keep plain
+``p.grad`` (no hook, the same arithmetic as without main grads). The latest optimizer built over a
+model owns its hooks.
+
 Checkpoint entries (plain and megatron dist_checkpointing) are in ``optimizer_state``.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +146,7 @@ class PolicyOptimizer(OptimizerStateMixin):
                             for p in self.params]
         self.optimizer = torch.optim.AdamW(
             self.masters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self._init_main_grads()
 
     @property
     def lr(self) -> float:
@@ -153,17 +164,70 @@ class PolicyOptimizer(OptimizerStateMixin):
                 part, mine = self.layout.own(i, self.params[i], self._shard)
                 mine.copy_(part)
 
+    def _init_main_grads(self) -> None:
+        self._hooked = {i for i, p in enumerate(self.params) if p.dtype != torch.float32}
+        self._main_flat: torch.Tensor | None = None
+        if not self._hooked:
+            return
+        self._main_layout = self.layout if self.shard_over_dp else FlatLayout.build(self.params, 1, 0)
+        # A weak reference: the model (hook) must not keep a replaced optimizer alive, and a dead
+        # one's hook must leave p.grad alone.
+        ref = weakref.ref(self)
+
+        def hook(i: int) -> None:
+            opt = ref()
+            if opt is not None:
+                opt._accumulate(i)
+
+        for i in self._hooked:
+            p = self.params[i]
+            old = getattr(p, "_lpreg_main_grad_hook", None)
+            if old is not None:  # an earlier optimizer over this model: only one may take p.grad
+                old.remove()
+            p._lpreg_main_grad_hook = p.register_post_accumulate_grad_hook(lambda _, i=i: hook(i))
+
+    def _main_buffer(self) -> torch.Tensor:
+        if self._main_flat is None:
+            # Zeros also keep the ZeRO-1 padding and untouched params at 0.
+            self._main_flat = torch.zeros(self._main_layout.flat_numel, dtype=torch.float32,
+                                          device=self.params[0].device)
+        return self._main_flat
+
+    def _main_grad(self, i: int) -> torch.Tensor:
+        return self._main_buffer()[self._main_layout.span(i)].view_as(self.params[i])
+
+    def _accumulate(self, i: int) -> None:
+        p = self.params[i]
+        if p.grad is not None:
+            with torch.no_grad():
+                self._main_grad(i).add_(p.grad)
+            p.grad = None
+
+    def _fold_pending(self) -> None:
+        """Gradients that reached ``p.grad`` without the hook (assigned directly) join the buffer."""
+        for i in self._hooked:
+            self._accumulate(i)
+
+    def grads(self) -> list[torch.Tensor | None]:
+        """Per parameter (``self.params`` order), the gradient the next ``step`` reads, None where
+        there is none yet: the fp32 main grad of a non-fp32 parameter, else ``p.grad``. Writing
+        into them changes the step (fault injection poisons these)."""
+        self._fold_pending()
+        return [(self._main_grad(i) if self._main_flat is not None else None) if i in self._hooked
+                else p.grad for i, p in enumerate(self.params)]
+
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
         for m in self.masters:
             m.grad = None
+        self._main_flat = None
 
     @torch.no_grad()
     def step(self) -> StepResult:
-        """One update from the params' ``.grad`` (this rank's micro-batches, summed), which it
-        clears. A collective over ``tp_group`` and ``dp_group``: every rank calls it each step,
+        """One update from ``grads()`` (this rank's micro-batches, summed), which it clears. A collective over ``tp_group`` and ``dp_group``: every rank calls it each step,
         also one whose loss reached no parameter."""
+        self._fold_pending()
         if self.shard_over_dp:
             grads = [self._shard_grad()]
             norm = self._shard_grad_norm(grads[0])
@@ -193,8 +257,11 @@ class PolicyOptimizer(OptimizerStateMixin):
         """fp32 gradient of every master (set as its ``.grad``). A missing gradient is zero, so
         every rank takes part in the same collectives and AdamW updates every parameter."""
         grads = []
-        for p, m in zip(self.params, self.masters):
-            g = torch.zeros_like(m) if p.grad is None else p.grad.to(torch.float32)
+        for i, (p, m) in enumerate(zip(self.params, self.masters)):
+            if i in self._hooked:
+                g = self._main_grad(i) if self._main_flat is not None else torch.zeros_like(m)
+            else:
+                g = torch.zeros_like(m) if p.grad is None else p.grad.to(torch.float32)
             m.grad = g
             grads.append(g)
         return grads
@@ -202,9 +269,12 @@ class PolicyOptimizer(OptimizerStateMixin):
     def _shard_grad(self) -> torch.Tensor:
         """This rank's slice of the flat fp32 gradient, averaged over DP (and set as the slice's
         ``.grad``). A missing gradient is zero, as in ``_master_grads``."""
-        flat = torch.zeros(self.layout.flat_numel, dtype=torch.float32, device=self._shard.device)
+        if self._main_flat is not None:
+            flat = self._main_flat
+        else:
+            flat = torch.zeros(self.layout.flat_numel, dtype=torch.float32, device=self._shard.device)
         for i, p in enumerate(self.params):
-            if p.grad is not None:
+            if i not in self._hooked and p.grad is not None:
                 flat[self.layout.span(i)].copy_(p.grad.reshape(-1))
                 p.grad = None  # copied: free it now, the flat buffer is the step's peak
         finalize.sum_partial_over_tp([flat[self.layout.span(i)] for i in self._tp_partial],

@@ -237,7 +237,7 @@ def train(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimiz
                 faults.point("train")
                 metrics.add(m, weight=tokens)
                 metrics.add({"loss/policy": loss.detach()}, weight=len(mb.rows))
-            faults.point("optimizer", tensors=lambda: [p.grad for p in pc.model.parameters()])
+            faults.point("optimizer", tensors=lambda: optimizer.grads())
             clock.start()
             steps.append(optimizer.step())
             clock.lap("time/train/optimizer")

@@ -265,9 +265,9 @@ def _shard_part(ctx, hf_dir: str, ckpt: str):
         opt, sharded = _optimizer(ctx, model), _optimizer(ctx, twin, shard_over_dp=True)
         res = {"norms": []}
         for step in (1, 2):  # clipped steps: the norm is above CLIP
+            # The same backward on both (bf16 gradients go to each optimizer's fp32 buffer).
             _backward(ctx, model, _batch(step, rank=ctx.dp_rank))
-            for p, q in zip(model.parameters(), twin.parameters()):
-                q.grad = p.grad.clone()
+            _backward(ctx, twin, _batch(step, rank=ctx.dp_rank))
             res["norms"].append((opt.step().grad_norm, sharded.step().grad_norm))
         pairs = list(zip(model.parameters(), twin.parameters()))
         res["param_diff"] = max((p.float() - q.float()).abs().max().item() for p, q in pairs)
@@ -287,7 +287,7 @@ def _shard_part(ctx, hf_dir: str, ckpt: str):
         _backward(ctx, twin, _batch(3, rank=ctx.dp_rank))
         before = _snapshot(twin, sharded)
         if ctx.dp_rank == rank:
-            params[index].grad.view(-1)[-1] = value
+            sharded.grads()[index].view(-1)[-1] = value
         result = sharded.step()
         out["nonfinite"].append((result.stepped, math.isfinite(result.grad_norm),
                                  _unchanged(before, twin, sharded), all(p.grad is None for p in params)))
