@@ -86,6 +86,11 @@ def freeze_setup_objects() -> None:
     gc.freeze()
 
 
+def unfreeze_setup_objects() -> None:
+    """Hand the frozen objects back to the collector (a process may build another trainer)."""
+    gc.unfreeze()
+
+
 def parameter_bytes(model) -> int:
     """Bytes of ``model``'s parameters on this rank (its TP shards)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -33,7 +33,7 @@ from megatron_lpreg.grpo.step_metrics import optimizer_metrics, rollout_metrics
 from megatron_lpreg.grpo.trainer_state import TrainerState
 from megatron_lpreg.grpo.validation import validate
 from megatron_lpreg.inputs import check_inputs
-from megatron_lpreg.memory import MB, PhasePeaks, freeze_setup_objects, parameter_bytes
+from megatron_lpreg.memory import MB, PhasePeaks, freeze_setup_objects, parameter_bytes, unfreeze_setup_objects
 from megatron_lpreg.parallel import broadcast_object, init_distributed
 from megatron_lpreg.policy.optimizer import PolicyOptimizer
 from megatron_lpreg.policy.metric_sums import MetricSums
@@ -356,6 +356,7 @@ class GRPOTrainer:
             self.pool = None
         if getattr(self, "metrics_logger", None) is not None:
             self.metrics_logger.close()
+        unfreeze_setup_objects()
 
     def __enter__(self) -> "GRPOTrainer":
         return self
