@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.model.tiny_models import save_tiny_model
 
 B, S = 3, 10
 
@@ -72,12 +71,6 @@ def _body(ctx, dirs):
                     sorted(grads["full"]) == sorted(grads[mode]),
                 )
     return out
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("positions")
-    return {f: str(save_tiny_model(f, root / f, seed=i)) for i, f in enumerate(("qwen2", "llama"))}
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.model.tiny_models import save_tiny_model
 
 B, S = 3, 10
 TOLERANCE = 1e-12
@@ -67,12 +66,6 @@ def _body(ctx, dirs):
                 sorted(grads["sdpa"]) == sorted(grads["unfused"]),
             )
     return out
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sdpa")
-    return {f: str(save_tiny_model(f, root / f, seed=i)) for i, f in enumerate(("qwen2", "llama"))}
 
 
 @pytest.mark.parametrize("tp", [1, 2])
