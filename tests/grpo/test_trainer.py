@@ -61,6 +61,23 @@ def test_three_steps(tmp_path, assets, tp, overrides):
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [2, 3]
 
 
+def test_dp2_global_token_mean_and_batch_percentiles(tmp_path, assets):
+    """The loss options that reduce over data parallelism (token counts, percentile pools) in whole
+    trainer runs: off-policy (two mini-batches), so the batch scope ranks pi_old's log-probs."""
+    policy, data = assets
+    overrides = ("loss.loss_agg=global_token_mean", "loss.percentile_scope=batch", "loss.rho=0.2",
+                 "grpo.steps=2", "validation.files=[]", "checkpoint.every=0", "checkpoint.save_at_end=false")
+    results = run_distributed(_train, world_size=2, tp_size=1, args=(str(tmp_path), policy, data, overrides),
+                              timeout_s=300)
+    assert [r["step"] for r in results] == [2, 2] and all(len(r["changed"]) == r["params"] for r in results)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert all(v is None or math.isfinite(v) for v in row.values() if isinstance(v, float))
+        assert row["optim/steps"] == 2 and row["time/logprob"] > 0
+    assert sum(r["lpreg/selected"] for r in rows) > 0
+
+
 def _resume(ctx, root, policy, data):
     from megatron_lpreg.grpo.trainer import GRPOTrainer
 
