@@ -82,15 +82,6 @@ class PackedRows:
     index: torch.Tensor
     valid: torch.Tensor
 
-    def unpack(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-token values [R, L] -> [B, S], zero past each sequence's end (differentiable)."""
-        gathered = values.reshape(-1)[self.index]
-        return torch.where(self.valid, gathered, torch.zeros_like(gathered))
-
-    def rows(self, logits: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-        """The logits [R, L, V] rows of the tokens ``selected`` [B, S] (row-major order) -> [n, V]."""
-        return logits.reshape(-1, logits.shape[-1])[self.index[selected]]
-
 
 def pack_rows(mb: MicroBatch, rows: Sequence[Sequence[int]], pad_id: int, pad_to_multiple: int = 1) -> PackedRows:
     """Pack the micro-batch ``mb`` into ``rows`` (lists of batch indices out of ``mb.rows``, as

@@ -50,8 +50,9 @@ def test_pack_rows_maps_back_to_the_padded_layout():
     assert packed.tokens[2].tolist() == seqs[3] + [0] * 7
     valid = mb.tokens != 0
     assert torch.equal(packed.valid, valid)
-    assert torch.equal(packed.unpack(packed.tokens), mb.tokens)
-    assert torch.equal(packed.unpack(packed.targets), mb.targets)
+    # The map back: row b's token t sits at flat position index[b, t] of the packed rows.
+    for packed_values, padded in ((packed.tokens, mb.tokens), (packed.targets, mb.targets)):
+        assert torch.equal(packed_values.reshape(-1)[packed.index[valid]], padded[valid])
     # A token sees exactly the earlier tokens of its own sequence (trailing pads: their own segment).
     for row, seg in ((1, [0] * 7 + [1] * 3), (2, [0] * 3 + [1] * 7)):
         mask = packed.attention_mask[row, 0]
