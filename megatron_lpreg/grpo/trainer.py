@@ -93,7 +93,8 @@ class GRPOTrainer:
         self.policy = PolicyContext(
             model=self.model, vocab_size=self.spec.vocab_size, pad_id=pad_id, device=ctx.device,
             tp_group=ctx.tp, dp_group=ctx.dp, dp_size=ctx.dp_size, micro_batch_tokens=g.micro_batch_tokens,
-            pad_to_multiple=g.pad_to_multiple, pack_sequences=g.pack_sequences, ref_model=self.ref_model)
+            pad_to_multiple=g.pad_to_multiple, pack_sequences=g.pack_sequences, ref_model=self.ref_model,
+            min_p_support=cfg.logging.sampled_token_metrics)
 
         d = cfg.data
         fields = DataFields(d.prompt_key, d.data_source_key, d.ground_truth_key)
@@ -156,7 +157,8 @@ class GRPOTrainer:
         with self._phase("refit", times, fault_point=False):  # and the refit's in the refit
             refit = self.refit()
 
-        sums = rollout_metrics(rollout, batch, scores, truncated, c.reward, c.rollout.max_tokens)
+        sums = rollout_metrics(rollout, batch, scores, truncated, c.reward, c.rollout.max_tokens,
+                               sampled_tokens=c.logging.sampled_token_metrics)
         sums.merge(trained.metrics)
         sums.merge(self.throughput(batch, times, scores is trained.scores))
         if masked is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_lpreg.grpo.sampled_tokens import LOW_DECADES, P_BINS, hist_key, low_key
 from megatron_lpreg.policy.training_checkpoint import complete_checkpoints
 from megatron_lpreg.metrics_file import read_metrics, run_metrics
 from tests.distributed import run_distributed
@@ -55,6 +56,11 @@ def test_three_steps(tmp_path, assets, tp, overrides):
         assert row["mismatch/logprob_abs_diff"] < 1e-4
         assert row["refit/mb"] > 0
         assert 0 < row["lpreg/kept_mass_mean"] <= 1 and row["memory/rise_refit_mb"] >= 0
+        # The sampled-token histogram covers every sampled token once, the low ones split in/out of support.
+        assert sum(row[hist_key(i)] for i in range(P_BINS)) == pytest.approx(1.0)
+        low = sum(row[low_key(flag, d)] for flag in (True, False) for d in range(LOW_DECADES))
+        assert low == pytest.approx(row["sampled_p/low_share"])
+        assert low == 0 or 0 <= row["sampled_p/low_in_support"] <= 1
     assert sum(r["lpreg/selected"] for r in rows[1:]) > 0
     assert all(r["lpreg/selected"] <= r["lpreg/lowest"] <= r["lpreg/candidates"] for r in rows[1:])
     assert "val/mean" in rows[2] and "val/best" in rows[2]
