@@ -76,6 +76,16 @@ def broadcast_object(value, group, src_group_rank: int = 0):
     return box[0]
 
 
+def gather_objects(value, group) -> list:
+    """Every rank's ``value``, in the group's rank order, on every rank of ``group`` (pickled: small
+    objects only)."""
+    if group_or_none(group) is None:
+        return [value]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
 def factor_world(world_size: int, tp_size: int) -> int:
     """Data-parallel size for ``world_size`` ranks at tensor-parallel size ``tp_size``."""
     if tp_size < 1:
