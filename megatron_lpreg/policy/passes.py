@@ -33,7 +33,7 @@ from megatron_lpreg.loss import (
     vocab_parallel_reverse_kl_to_proxy, vocab_parallel_token_stats,
 )
 from megatron_lpreg.model.build import model_logits
-from megatron_lpreg.parallel import group_or_none
+from megatron_lpreg.parallel import all_reduce, group_or_none
 from megatron_lpreg.policy.batching import MicroBatch, RolloutBatch, microbatch, token_budget_microbatches
 from megatron_lpreg.policy.metric_sums import MetricSums
 from megatron_lpreg.policy.packing import pack_rows, token_budget_packs
@@ -200,8 +200,7 @@ def train(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimiz
             global_tokens = None
             if loss_cfg.loss_agg == "global_token_mean":
                 t = batch.loss_tokens(mini).reshape(1)
-                if dp_group is not None:
-                    torch.distributed.all_reduce(t, group=dp_group)
+                all_reduce(t, dp_group)
                 global_tokens = max(int(t.item()), 1)
             for mb in microbatches(pc, batch, mini):
                 clock.start()
