@@ -129,9 +129,10 @@ def parity_row(name: str, config: dict, device: torch.device) -> Row:
 
     hf = random_hf_model(config, device)
     spec = parse_hf_config({**config, "torch_dtype": "bfloat16"})
-    model = build_gpt_model(spec, torch.bfloat16, use_te=None).to(device).eval()
+    te = _te()
+    model = build_gpt_model(spec, torch.bfloat16, use_te=te).to(device).eval()
     params = dict(model.named_parameters())
-    for pname, shard in hf_to_megatron_shard(spec, hf.state_dict(), 0, 1):
+    for pname, shard in hf_to_megatron_shard(spec, hf.state_dict(), 0, 1, te=te):
         params[pname].copy_(shard)
     ids = torch.randint(0, spec.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1)).to(device)
     target = ids[:, 1:, None]
@@ -201,7 +202,7 @@ def mfu_and_memory_rows(shapes: Shapes, device: torch.device) -> list[Row]:
 
     name, config = shapes.mfu_model
     spec = parse_hf_config({**config, "torch_dtype": "bfloat16"})
-    model = build_gpt_model(spec, torch.bfloat16).to(device)
+    model = build_gpt_model(spec, torch.bfloat16, use_te=_te()).to(device)
     optimizer = PolicyOptimizer(model, lr=1e-6)
     rows, seq = shapes.mfu_rows, shapes.mfu_seq
     ids = torch.randint(0, spec.vocab_size, (rows, seq), generator=torch.Generator().manual_seed(2)).to(device)
@@ -213,7 +214,7 @@ def mfu_and_memory_rows(shapes: Shapes, device: torch.device) -> list[Row]:
         start = time.perf_counter()
         with peaks.phase("train"):
             logits = model_logits(model, ids)
-            stats = vocab_parallel_token_stats(logits.view(rows * seq, -1), targets.reshape(-1),
+            stats = vocab_parallel_token_stats(logits.reshape(rows * seq, -1), targets.reshape(-1),
                                                vocab_size=spec.vocab_size, entropy=False, proxy=False,
                                                inplace=True)
             (-stats.logprobs.mean()).backward()
