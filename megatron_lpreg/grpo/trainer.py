@@ -75,8 +75,6 @@ class GRPOTrainer:
         self.stop_ids = stop_token_ids(self.tokenizer, self.hf_dir)
         self.spec = parse_hf_config(self.hf_dir)
         self.te = uses_te(m)
-        if g.pack_sequences and self.te:  # TE's attention applies its own causal mask, not ours
-            raise ConfigError("grpo.pack_sequences needs the local layer spec: set model.use_te=false")
         self.model = load_policy(m, self.spec, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, te=self.te)
         # The KL term's reference: the initial policy, rebuilt from the same source on resume (a
         # checkpoint holds only the trained policy). It is frozen by being outside the optimiser and
@@ -93,7 +91,8 @@ class GRPOTrainer:
         self.policy = PolicyContext(
             model=self.model, vocab_size=self.spec.vocab_size, pad_id=pad_id, device=ctx.device,
             tp_group=ctx.tp, dp_group=ctx.dp, dp_size=ctx.dp_size, micro_batch_tokens=g.micro_batch_tokens,
-            pad_to_multiple=g.pad_to_multiple, pack_sequences=g.pack_sequences, ref_model=self.ref_model)
+            pad_to_multiple=g.pad_to_multiple, pack_sequences=g.pack_sequences,
+            thd=g.pack_sequences and self.te, ref_model=self.ref_model)
 
         d = cfg.data
         fields = DataFields(d.prompt_key, d.data_source_key, d.ground_truth_key)

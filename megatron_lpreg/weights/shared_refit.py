@@ -21,10 +21,10 @@ import uuid
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_lpreg.model.hf_config import ModelSpec
-from megatron_lpreg.parallel import group_or_none, group_rank, group_size
+from megatron_lpreg.parallel import (all_reduce, barrier, broadcast_object, group_device, group_or_none, group_rank,
+                                     group_size)
 from megatron_lpreg.weights.stream import RefitStats
 from megatron_lpreg.weights.table import find_param, is_weight, place_shard
 from megatron_lpreg.weights.tp_rules import Split
@@ -101,12 +101,11 @@ class SharedWeights:
                     os.unlink(path)
                 path = None
         if size > 1:
-            dist.broadcast_object_list(msg, group_src=dst_rank, group=group)
+            msg = [broadcast_object(msg[0], group, dst_rank)]
         if rank != dst_rank and msg[0] is not None:
             arena = _map_existing(*msg[0])
-        ok = torch.tensor([int(arena is not None)], dtype=torch.int32)
-        if size > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+        ok = torch.tensor([int(arena is not None)], dtype=torch.int32, device=group_device(group))
+        all_reduce(ok, group, "min")
         if path is not None:
             os.unlink(path)  # every rank that could map it has: the memory lives while mapped
         if not ok.item():
@@ -138,8 +137,7 @@ class SharedWeights:
         if engine_model is not None:
             self.check_engine(engine_model)
         start = time.perf_counter()
-        if size > 1:
-            dist.barrier(group=self.group)
+        barrier(self.group)
         written = tensors = 0
         for name, p in model.named_parameters():
             if not is_weight(name):
@@ -150,8 +148,7 @@ class SharedWeights:
             place_shard(spec, param, p.detach(), [self.views[h] for h in param.hf], rank, size)
             written += p.numel() * p.element_size()
             tensors += len(param.hf)
-        if size > 1:
-            dist.barrier(group=self.group)
+        barrier(self.group)
         if stats is not None:
             stats.bytes += written
             stats.tensors += tensors
