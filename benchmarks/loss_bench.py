@@ -75,7 +75,7 @@ def _variant_b(z, target, ctx, args, inplace=True):
     st = vocab_parallel_token_stats(z, target, group=ctx.tp_group, kappa=0.02, inplace=inplace)
     B = 4
     lp = st.logprobs.view(B, -1)
-    adv = torch.tensor([-1.0, 1.0, -0.5, 0.5])
+    adv = torch.tensor([-1.0, 1.0, -0.5, 0.5], device=z.device)
     mask = torch.ones_like(lp, dtype=torch.bool)
     loss, _ = lp_reg_policy_loss(lp, lp.detach(), st.proxy_logprobs.view(B, -1), adv, mask,
                                  LpRegConfig(), entropy=st.entropy.detach().view(B, -1))
@@ -127,7 +127,7 @@ def _variant_c(z, target, ctx, args):
             del proxy_all, keep
         B = 4
         lp = lp.view(B, -1)
-        adv = torch.tensor([-1.0, 1.0, -0.5, 0.5])
+        adv = torch.tensor([-1.0, 1.0, -0.5, 0.5], device=z.device)
         mask = torch.ones_like(lp, dtype=torch.bool)
         loss, _ = lp_reg_policy_loss(lp, lp.detach(), proxy.view(B, -1), adv, mask, LpRegConfig(),
                                      entropy=entropy.view(B, -1))

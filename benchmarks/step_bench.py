@@ -61,13 +61,15 @@ def _batch(trainer, step: int):
 def _timed_rollouts(trainer, step: int) -> tuple[float, float]:
     """Seconds to generate and grade the step's prompts with every TP rank's engine (slices), then
     with TP rank 0's alone; the sampler is rewound so both draw the same prompts."""
+    from megatron_lpreg.parallel import barrier, world_group
+
     sampler_state = trainer.state.sampler.state_dict()
     seconds = {}
     order = (True, False) if step % 2 == 0 else (False, True)
     for sliced in order:
         trainer.state.sampler.load_state_dict(sampler_state)
         trainer.sliced, trainer.engine_rank = sliced, sliced or trainer.ctx.tp_rank == 0
-        torch.distributed.barrier()
+        barrier(world_group())
         start = time.perf_counter()
         trainer.generate(step)
         seconds[sliced] = time.perf_counter() - start

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lpreg import faults
+from megatron_lpreg.parallel import barrier, world_group
 
 FORMAT_VERSION = 1
 MARKER = "lpreg_checkpoint.json"
@@ -91,8 +92,7 @@ def _rank() -> int:
 
 
 def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    barrier(world_group())
 
 
 # ---------------------------------------------------------------------------------------------

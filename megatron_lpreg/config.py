@@ -102,7 +102,7 @@ class GRPOConfig:
     epochs: int = 1  # passes over each rollout
     micro_batch_tokens: int = 16384  # token budget per micro-batch (padded tokens)
     pad_to_multiple: int = 1  # pad micro-batch lengths to a multiple (8 helps tensor cores)
-    pack_sequences: bool = False  # short sequences share rows (block-diagonal mask; local layer spec only)
+    pack_sequences: bool = False  # short sequences share rows (block-diagonal mask; THD with Transformer Engine)
     adv_eps: float = 1e-6  # advantage = (r - mean) / (std + adv_eps) within a prompt's group
     normalize_adv_std: bool = True  # false: Dr. GRPO style, r - mean only
     dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards, sample more prompts until prompts_per_step are kept

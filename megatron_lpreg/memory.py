@@ -20,9 +20,8 @@ import gc
 import sys
 
 import torch
-import torch.distributed as dist
 
-from megatron_lpreg.parallel import group_or_none
+from megatron_lpreg.parallel import all_reduce, group_or_none
 
 MB = 1024 ** 2
 
@@ -142,7 +141,7 @@ class PhasePeaks:
             return {}
         if group_or_none(group) is not None:
             values = values.to(self.device)
-            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
+            all_reduce(values, group, "max")
             values = values.cpu()
         out = {}
         for i, n in enumerate(names):

@@ -111,14 +111,11 @@ def run(args) -> int:
 
 def _dry_run(cfg) -> int:
     """Bring up the process groups as a real run would, report the layout, and stop."""
-    import torch.distributed as dist
-
-    from megatron_lpreg.parallel import destroy_distributed, init_distributed
+    from megatron_lpreg.parallel import barrier, destroy_distributed, init_distributed, world_group
 
     try:
         ctx = init_distributed(cfg.parallel.tp, cfg.parallel.backend, cfg.parallel.timeout_s, seed=cfg.grpo.seed)
-        if dist.is_initialized():
-            dist.barrier()
+        barrier(world_group())
         # One write per line: the ranks share stdout, and print() writes the newline separately.
         sys.stdout.write(f"dry run: rank {ctx.rank}/{ctx.world_size} tp_rank {ctx.tp_rank}/{ctx.tp_size} "
                          f"dp_rank {ctx.dp_rank}/{ctx.dp_size} backend {ctx.backend}\n")

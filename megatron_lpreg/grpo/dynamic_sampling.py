@@ -24,10 +24,9 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import torch.distributed as dist
 
 from megatron_lpreg.grpo.rollout import GradedRollout
-from megatron_lpreg.parallel import group_or_none
+from megatron_lpreg.parallel import all_gather_object, group_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +56,6 @@ def concat(parts: list[GradedRollout], n: int) -> GradedRollout:
     return out
 
 
-def _all_gather(value, group):
-    if group_or_none(group) is None:
-        return [value]
-    parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, value, group=group)
-    return parts
 
 
 def sample_groups(draw: Callable[[int], tuple[GradedRollout, int]], *, target: int, granule: int,
@@ -87,7 +80,7 @@ def sample_groups(draw: Callable[[int], tuple[GradedRollout, int]], *, target: i
         reward_s += graded.reward_s
         keep = varied_groups(graded.rewards, graded.n)
         kept.append(take_groups(graded, [g for g, k in enumerate(keep) if k]))
-        stats = _all_gather((len(kept[-1].prompt_ids), len(keep), cut), dp_group)
+        stats = all_gather_object((len(kept[-1].prompt_ids), len(keep), cut), dp_group)
         counts.append([s[0] for s in stats])
         generated += sum(s[1] for s in stats)
         dropped += sum(s[1] - s[0] for s in stats)
@@ -110,7 +103,7 @@ def sample_groups(draw: Callable[[int], tuple[GradedRollout, int]], *, target: i
             picked = [g for g in mine if start + g < chosen]
             offer.update({start + g: take_groups(kept[rnd], [g]) for g in picked})
             start += sum(per_replica[dp_rank:])
-        pool = {k: v for part in _all_gather(offer, dp_group) for k, v in part.items()}
+        pool = {k: v for part in all_gather_object(offer, dp_group) for k, v in part.items()}
         share = chosen // dp_size
         result = concat([pool[k] for k in range(dp_rank * share, (dp_rank + 1) * share)], first.n)
     result.generate_s, result.reward_s = generate_s, reward_s

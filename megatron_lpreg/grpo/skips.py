@@ -4,9 +4,8 @@ run has diverged and every further step only burns compute on a policy that no l
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from megatron_lpreg.parallel import group_or_none
+from megatron_lpreg.parallel import all_reduce
 
 
 class TrainingDiverged(RuntimeError):
@@ -42,6 +41,5 @@ def weights_finite(model, group=None) -> bool:
             if not torch.isfinite(p).all():
                 bad.fill_(1.0)
                 break
-    if group_or_none(group) is not None:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    all_reduce(bad, group, "max")
     return not bool(bad.item())

@@ -34,7 +34,7 @@ from megatron_lpreg.grpo.trainer_state import TrainerState
 from megatron_lpreg.grpo.validation import validate
 from megatron_lpreg.inputs import check_inputs
 from megatron_lpreg.memory import MB, PhasePeaks, freeze_setup_objects, parameter_bytes, unfreeze_setup_objects
-from megatron_lpreg.parallel import broadcast_object, gather_objects, init_distributed
+from megatron_lpreg.parallel import all_gather_object, broadcast_object, init_distributed, world_group
 from megatron_lpreg.policy.optimizer import PolicyOptimizer
 from megatron_lpreg.policy.metric_sums import MetricSums
 from megatron_lpreg.policy.passes import PolicyContext, on_policy_scores, recompute_logprobs, train
@@ -74,8 +74,6 @@ class GRPOTrainer:
         self.stop_ids = stop_token_ids(self.tokenizer, self.hf_dir)
         self.spec = parse_hf_config(self.hf_dir)
         self.te = uses_te(m)
-        if g.pack_sequences and self.te:  # TE's attention applies its own causal mask, not ours
-            raise ConfigError("grpo.pack_sequences needs the local layer spec: set model.use_te=false")
         self.model = load_policy(m, self.spec, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, te=self.te)
         # The KL term's reference: the initial policy, rebuilt from the same source on resume (a
         # checkpoint holds only the trained policy). It is frozen by being outside the optimiser and
@@ -92,7 +90,8 @@ class GRPOTrainer:
         self.policy = PolicyContext(
             model=self.model, vocab_size=self.spec.vocab_size, pad_id=pad_id, device=ctx.device,
             tp_group=ctx.tp, dp_group=ctx.dp, dp_size=ctx.dp_size, micro_batch_tokens=g.micro_batch_tokens,
-            pad_to_multiple=g.pad_to_multiple, pack_sequences=g.pack_sequences, ref_model=self.ref_model,
+            pad_to_multiple=g.pad_to_multiple, pack_sequences=g.pack_sequences,
+            thd=g.pack_sequences and self.te, ref_model=self.ref_model,
             min_p_support=cfg.logging.sampled_token_metrics)
 
         d = cfg.data
@@ -227,7 +226,7 @@ class GRPOTrainer:
                                         [rec.ground_truth for rec in records], sampling)
             result = (graded, truncated)
         if self.sliced:
-            parts = gather_objects(result, ctx.tp)
+            parts = all_gather_object(result, ctx.tp)
             graded, truncated = merge_rollouts([g for g, _ in parts]), sum(t for _, t in parts)
         else:
             graded, truncated = broadcast_object(result, ctx.tp)
@@ -275,7 +274,7 @@ class GRPOTrainer:
             prompt_ids, _ = encode_prompts(list(self.val_data), self.tokenizer, c.data.template, c.data.max_prompt_len)
         ctx = self.ctx
         # Sliced: every rank's engine takes its share of the prompts, and the whole world reduces.
-        slot, slots, group = (ctx.rank, ctx.world_size, torch.distributed.group.WORLD) if self.sliced else \
+        slot, slots, group = (ctx.rank, ctx.world_size, world_group()) if self.sliced else \
             (ctx.dp_rank, ctx.dp_size, ctx.dp)
         out = validate(
             self.engine, self.pool, self.tokenizer, self.val_data, prompt_ids, c.validation,

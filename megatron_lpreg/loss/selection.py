@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg.parallel import all_gather
+
 from megatron_lpreg.loss.config import LpRegConfig
 
 SIDES = ("neg", "pos")
@@ -59,12 +61,12 @@ def _gather_values(values: torch.Tensor, group) -> torch.Tensor:
         return values
     n = torch.tensor([values.numel()], dtype=torch.long, device=values.device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, n, group=group)
+    all_gather(sizes, n, group)
     sizes = torch.cat(sizes).tolist()  # one read of all ranks' sizes: the padding needs them
     padded = torch.full((max(sizes),), float("inf"), dtype=values.dtype, device=values.device)
     padded[: values.numel()] = values
     out = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(out, padded, group=group)
+    all_gather(out, padded, group)
     return torch.cat([o[:s] for o, s in zip(out, sizes)])
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg.parallel import all_reduce
+
 # Per-chunk working set. Small enough to stay in cache and below glibc's largest mmap threshold
 # (32 MiB): larger temporaries are fresh mmaps that page-fault on every chunk (measured ~3x slower).
 DEFAULT_CHUNK_BYTES = 4 << 20
@@ -80,15 +82,11 @@ def chunk_slices(n_rows: int, n_cols: int, chunk_tokens: int | None):
 
 
 def all_reduce_max(t: torch.Tensor, shard: VocabShard) -> torch.Tensor:
-    if shard.world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=shard.group)
-    return t
+    return all_reduce(t, shard.group, "max") if shard.world > 1 else t
 
 
 def all_reduce_sum(t: torch.Tensor, shard: VocabShard) -> torch.Tensor:
-    if shard.world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=shard.group)
-    return t
+    return all_reduce(t, shard.group, "sum") if shard.world > 1 else t
 
 
 def local_columns(logits_rows: torch.Tensor, shard: VocabShard, dtype: torch.dtype) -> torch.Tensor:

@@ -149,7 +149,7 @@ def build_gpt_model(
 
 def model_logits(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-    positions: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None, packed_seq_params=None,
 ) -> torch.Tensor:
     """Causal-LM logits of ``input_ids`` [B, S] -> [B, S, V_padded / TP], vocab-sharded.
 
@@ -165,12 +165,18 @@ def model_logits(
     The decoder still sees every position; only the LM head, the largest matmul of a small model
     and the [B, S, V] output, shrinks to the positions read: a response's tokens and the last
     prompt position, which predicts the first response token.
+
+    ``packed_seq_params``: megatron's THD format (``policy.packing.thd_params``, TE only):
+    ``input_ids`` is then [1, T], the packed sequences end to end, and no mask is built.
     """
     from megatron_lpreg.model.sdpa_attention import needs_explicit_causal_mask
 
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
-    if attention_mask is not None:
+    if packed_seq_params is not None:
+        if attention_mask is not None or batch != 1:
+            raise ValueError("packed_seq_params: input_ids must be one [1, T] THD batch, without an attention_mask")
+    elif attention_mask is not None:
         attention_mask = attention_mask.to(input_ids.device)
     elif input_ids.device.type == "cuda" or not needs_explicit_causal_mask(model):
         # TE, SDPA and megatron's CUDA softmax apply the causal mask themselves (SDPA's is_causal
@@ -182,8 +188,11 @@ def model_logits(
         from megatron_lpreg.cpu_shims import causal_attention_mask
 
         attention_mask = causal_attention_mask(seq, device=input_ids.device)
+    forward = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+    if packed_seq_params is not None:
+        forward["packed_seq_params"] = packed_seq_params
     if positions is None:
-        return model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        return model(**forward)
 
     flat = _flat_positions(positions, batch, seq, input_ids.device)
     head = model.output_layer
@@ -200,7 +209,7 @@ def model_logits(
 
     handle = head.register_forward_pre_hook(select_rows, with_kwargs=True)
     try:
-        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        logits = model(**forward)
     finally:
         handle.remove()
     return logits.squeeze(0)  # GPTModel returns [b, s, V] = [1, N, V] for the [N, 1, H] input

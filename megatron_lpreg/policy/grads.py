@@ -19,13 +19,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
-from megatron_lpreg.parallel import group_or_none, group_rank, group_size
-
-# torch 2.13 renamed the flat-tensor collectives (the old names warn); torch 2.6 has only the old ones.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from megatron_lpreg.parallel import (all_gather_into, all_reduce, group_or_none, group_rank, group_size,
+                                     reduce_scatter_into)
 
 
 def is_tp_sharded(param: torch.Tensor) -> bool:
@@ -71,7 +67,7 @@ def _all_reduce(grads: list[torch.Tensor], group, *, average: bool, bucket_numel
 
 def _all_reduce_bucket(bucket: list[torch.Tensor], group, average: bool) -> None:
     flat = torch.cat([g.reshape(-1) for g in bucket])
-    dist.all_reduce(flat, group=group)  # SUM, then divide: gloo has no AVG
+    all_reduce(flat, group)  # SUM, then divide: gloo has no AVG
     if average:
         flat /= group_size(group)
     offset = 0
@@ -86,7 +82,7 @@ def reduce_scatter_over_dp(flat: torch.Tensor, dp_group) -> torch.Tensor:
     if group_or_none(dp_group) is None:
         return flat
     out = flat.new_empty(flat.numel() // group_size(dp_group))
-    _reduce_scatter(out, flat, group=dp_group)  # SUM, then divide: gloo has no AVG
+    reduce_scatter_into(out, flat, dp_group)  # SUM, then divide: gloo has no AVG
     out /= group_size(dp_group)
     return out
 
@@ -97,7 +93,7 @@ def all_gather_over_dp(local: torch.Tensor, dp_group) -> torch.Tensor:
     if group_or_none(dp_group) is None:
         return local
     out = local.new_empty(group_size(dp_group) * local.numel())
-    _all_gather(out, local, group=dp_group)
+    all_gather_into(out, local, dp_group)
     return out
 
 
@@ -120,6 +116,5 @@ def grad_norm(params: list[torch.Tensor], grads: list[torch.Tensor], *, device, 
     # them, so an inf/nan in a replica on any rank still makes the norm non-finite everywhere.
     total = sum_sq(sharded) + sum_sq(replicated) * (1.0 if group_rank(tp_group) == 0 else 0.0)
     for group in (dp_group, tp_group):
-        if group_or_none(group) is not None:
-            dist.all_reduce(total, group=group)
+        all_reduce(total, group)
     return math.sqrt(total.item())

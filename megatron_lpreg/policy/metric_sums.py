@@ -11,10 +11,9 @@ from __future__ import annotations
 import collections
 
 import torch
-import torch.distributed as dist
 
 from megatron_lpreg.loss.policy_loss import OPTIONAL_METRICS
-from megatron_lpreg.parallel import group_or_none
+from megatron_lpreg.parallel import all_gather_object, group_or_none
 
 SUMMED = frozenset({
     "lpreg/selected", "lpreg/candidates", "lpreg/lowest", "loss/tokens", "loss/nonfinite_tokens",
@@ -97,8 +96,7 @@ class MetricSums:
         total = self.host()
         group = group_or_none(group)
         if group is not None:
-            parts = [None] * dist.get_world_size(group)
-            dist.all_gather_object(parts, (dict(total.sums), dict(total.weights), total.extremes), group=group)
+            parts = all_gather_object((dict(total.sums), dict(total.weights), total.extremes), group)
             total = MetricSums()
             for sums, weights, extremes in parts:
                 part = MetricSums()

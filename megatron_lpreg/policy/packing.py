@@ -1,10 +1,17 @@
-"""Sequence packing without THD: several sequences share a row, kept apart by the attention mask.
+"""Sequence packing: several sequences share a row, kept apart by the attention.
 
-megatron-core's packed path (THD + ``PackedSeqParams``) needs TE or flash attention, so it does not
-run with the local layer spec on CPU. The local spec's attention does take an explicit mask, so a row
-holding several sequences is packed exactly with a block-diagonal causal mask: a token attends only to
-earlier tokens of its own sequence. Positions need no reset: RoPE scores depend only on the distance
-between query and key, which packing does not change (megatron's RoPE ignores ``position_ids``).
+Two ways to keep them apart, one per layer spec:
+- local spec (CPU, and GPU without Transformer Engine): megatron-core's packed path (THD +
+  ``PackedSeqParams``) needs TE or flash attention, but the local spec's attention takes an explicit
+  mask, so a row holding several sequences is packed exactly with a block-diagonal causal mask: a
+  token attends only to earlier tokens of its own sequence. Positions need no reset: RoPE scores
+  depend only on the distance between query and key, which packing does not change (megatron's
+  RoPE ignores ``position_ids``).
+- Transformer Engine: TE's attention applies its own causal mask and ignores ours, so the rows go
+  through megatron's THD path instead (``thd_params``): all rows end to end as one [1, R * L] batch,
+  ``cu_seqlens`` marking where each sequence (and each row's trailing padding) starts; TE attends
+  within those segments and megatron's RoPE restarts its positions at each one. Not run yet: TE
+  builds only with CUDA, and no GPU has run this code (README, "On a GPU").
 
 Rows are as long as the micro-batch's longest sequence (rounded up to ``pad_to_multiple``), and short
 sequences fill them first-fit-decreasing. So the attention's cost (rows x L^2 for a dense mask) never
@@ -73,25 +80,42 @@ class PackedRows:
 
     tokens, targets: [R, L] long (targets are each sequence's own next tokens, pad at its end);
     attention_mask: [R, 1, L, L] bool, True where masked (another sequence, or a later position);
-    index: [B, S] long, flat position in [R * L] of row b's token t; valid: [B, S] bool, t < len_b.
+    None for THD (``pack_rows(thd=True)``), which keeps the segments apart by ``cu_seqlens``;
+    index: [B, S] long, flat position in [R * L] of row b's token t; valid: [B, S] bool, t < len_b;
+    cu_seqlens: [K + 1] int32, the start of each of the K segments of the flat [R * L] tokens (each
+    sequence, then each row's trailing padding as a segment of its own) and R * L at the end;
+    max_seqlen: the longest segment.
     """
 
     tokens: torch.Tensor
     targets: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     index: torch.Tensor
     valid: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
 
 
-def pack_rows(mb: MicroBatch, rows: Sequence[Sequence[int]], pad_id: int, pad_to_multiple: int = 1) -> PackedRows:
+def thd_params(packed: PackedRows):
+    """megatron-core's ``PackedSeqParams`` for ``packed`` as one [1, R * L] THD batch (TE only)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=packed.cu_seqlens, cu_seqlens_kv=packed.cu_seqlens,
+                           max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen)
+
+
+def pack_rows(mb: MicroBatch, rows: Sequence[Sequence[int]], pad_id: int, pad_to_multiple: int = 1,
+              thd: bool = False) -> PackedRows:
     """Pack the micro-batch ``mb`` into ``rows`` (lists of batch indices out of ``mb.rows``, as
-    ``token_budget_packs`` gives them), on ``mb``'s device."""
+    ``token_budget_packs`` gives them), on ``mb``'s device. ``thd``: for megatron's THD path (no
+    [R, 1, L, L] mask, see ``thd_params``)."""
     seq_lens = mb.seq_lens
     where = {int(i): b for b, i in enumerate(mb.rows)}
     bsz, seq = mb.tokens.shape
     length = padded_length(max(sum(seq_lens[where[i]] for i in row) for row in rows), pad_to_multiple)
     segments = torch.full((len(rows), length), -1, dtype=torch.long)  # trailing pads: a segment of their own
     index = torch.zeros(bsz, seq, dtype=torch.long)
+    segment_lens = []
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -100,6 +124,10 @@ def pack_rows(mb: MicroBatch, rows: Sequence[Sequence[int]], pad_id: int, pad_to
             segments[r, at:at + n] = b
             index[b, :n] = torch.arange(r * length + at, r * length + at + n)
             at += n
+            segment_lens.append(n)
+        if at < length:
+            segment_lens.append(length - at)
+    cu_seqlens = torch.tensor([0, *segment_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     valid = torch.arange(seq).unsqueeze(0) < torch.tensor(seq_lens).unsqueeze(1)
     dev = mb.tokens.device
     index, valid = index.to(dev), valid.to(dev)
@@ -107,7 +135,9 @@ def pack_rows(mb: MicroBatch, rows: Sequence[Sequence[int]], pad_id: int, pad_to
     targets = torch.full_like(tokens, pad_id)
     tokens[index[valid]] = mb.tokens[valid]
     targets[index[valid]] = mb.targets[valid]
-    causal = torch.ones(length, length, dtype=torch.bool).triu(1)
-    mask = (segments.unsqueeze(2) != segments.unsqueeze(1)) | causal
-    return PackedRows(tokens.view(len(rows), length), targets.view(len(rows), length), mask.unsqueeze(1).to(dev),
-                      index, valid)
+    mask = None
+    if not thd:
+        causal = torch.ones(length, length, dtype=torch.bool).triu(1)
+        mask = ((segments.unsqueeze(2) != segments.unsqueeze(1)) | causal).unsqueeze(1).to(dev)
+    return PackedRows(tokens.view(len(rows), length), targets.view(len(rows), length), mask, index, valid,
+                      cu_seqlens.to(dev), max(segment_lens))

@@ -33,10 +33,10 @@ from megatron_lpreg.loss import (
     vocab_parallel_reverse_kl_to_proxy, vocab_parallel_token_stats,
 )
 from megatron_lpreg.model.build import model_logits
-from megatron_lpreg.parallel import group_or_none
+from megatron_lpreg.parallel import all_reduce, group_or_none
 from megatron_lpreg.policy.batching import MicroBatch, RolloutBatch, microbatch, token_budget_microbatches
 from megatron_lpreg.policy.metric_sums import MetricSums
-from megatron_lpreg.policy.packing import pack_rows, token_budget_packs
+from megatron_lpreg.policy.packing import pack_rows, thd_params, token_budget_packs
 from megatron_lpreg.policy.throughput import Stopwatch
 
 
@@ -54,6 +54,7 @@ class PolicyContext:
     micro_batch_tokens: int
     pad_to_multiple: int = 1
     pack_sequences: bool = False  # several sequences per row, block-diagonal attention (policy.packing)
+    thd: bool = False  # packed rows through megatron's THD path (Transformer Engine), not a block mask
     ref_model: object = None  # frozen initial policy, built only for loss.ref_kl_coef > 0
     # The min-p proxy even when Lp-Reg is off: which sampled tokens lie in its support is what the
     # sampled-token metrics report for every method (logging.sampled_token_metrics).
@@ -111,7 +112,7 @@ def microbatches(pc: PolicyContext, batch: RolloutBatch, indices: list[int]):
         packs = [[indices[j] for j in row] for row in group]
         mb = microbatch(batch, [i for pack in packs for i in pack], pc.pad_id, pc.pad_to_multiple)
         if pc.pack_sequences:
-            mb.packed = pack_rows(mb, packs, pc.pad_id, pc.pad_to_multiple)
+            mb.packed = pack_rows(mb, packs, pc.pad_id, pc.pad_to_multiple, thd=pc.thd)
         yield mb
 
 
@@ -121,8 +122,11 @@ def _response_logits(pc: PolicyContext, mb: MicroBatch, model=None) -> torch.Ten
     model = pc.model if model is None else model
     if mb.packed is None:
         return model_logits(model, mb.tokens, positions=mb.response_index)
-    return model_logits(model, mb.packed.tokens, mb.packed.attention_mask,
-                        positions=mb.packed.index.reshape(-1)[mb.response_index])
+    positions = mb.packed.index.reshape(-1)[mb.response_index]
+    if pc.thd:  # TE ignores our mask: the rows end to end, segments by cu_seqlens
+        return model_logits(model, mb.packed.tokens.reshape(1, -1), positions=positions,
+                            packed_seq_params=thd_params(mb.packed))
+    return model_logits(model, mb.packed.tokens, mb.packed.attention_mask, positions=positions)
 
 
 @torch.no_grad()
@@ -208,8 +212,7 @@ def train(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimiz
             global_tokens = None
             if loss_cfg.loss_agg == "global_token_mean":
                 t = batch.loss_tokens(mini).reshape(1)
-                if dp_group is not None:
-                    torch.distributed.all_reduce(t, group=dp_group)
+                all_reduce(t, dp_group)
                 global_tokens = max(int(t.item()), 1)
             for mb in microbatches(pc, batch, mini):
                 clock.start()

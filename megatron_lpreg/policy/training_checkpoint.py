@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from megatron_lpreg import checkpointing as ckpt
 from megatron_lpreg import faults
+from megatron_lpreg.parallel import barrier, world_group
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +119,7 @@ def _save(path: Path, model, optimizer, metadata: dict, trainer_state: dict, hf_
             ckpt.save_group(model, group, tmp)
             if rank == 0:
                 (tmp / OPTIM_DIR / group).mkdir()
-            if dist.is_initialized():
-                dist.barrier()
+            barrier(world_group())
             dist_checkpointing.save(_optim_sharded(model, optimizer, group), str(tmp / OPTIM_DIR / group))
             faults.point("checkpoint_shard")
         torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}.pt")

@@ -21,10 +21,10 @@ import uuid
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_lpreg.model.hf_config import ModelSpec
-from megatron_lpreg.parallel import group_or_none, group_rank, group_size
+from megatron_lpreg.parallel import (all_reduce, barrier, broadcast_object, group_device, group_or_none, group_rank,
+                                     group_size)
 from megatron_lpreg.weights.stream import RefitStats
 from megatron_lpreg.weights.table import find_param, is_weight, place_shard
 from megatron_lpreg.weights.tp_rules import Split
@@ -103,12 +103,11 @@ class SharedWeights:
                     os.unlink(path)
                 path = None
         if size > 1:
-            dist.broadcast_object_list(msg, group_src=dst_rank, group=group)
+            msg = [broadcast_object(msg[0], group, dst_rank)]
         if rank != dst_rank and msg[0] is not None:
             arena = _map_existing(*msg[0])
-        ok = torch.tensor([int(arena is not None)], dtype=torch.int32)
-        if size > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+        ok = torch.tensor([int(arena is not None)], dtype=torch.int32, device=group_device(group))
+        all_reduce(ok, group, "min")
         if path is not None:
             os.unlink(path)  # every rank that could map it has: the memory lives while mapped
         if not ok.item():
@@ -121,8 +120,7 @@ class SharedWeights:
                     if rank == dst_rank:
                         views[name].copy_(p.data)
                     p.data = views[name]  # frees the private copy; a tied head follows its embedding
-        if size > 1:  # no engine reads the views before the engine rank has filled them
-            dist.barrier(group=group)
+        barrier(group)  # no engine reads the views before the engine rank has filled them
         return cls(arena, views, group, dst_rank, msg[0][0])
 
     def check_engine(self, engine_model: torch.nn.Module) -> None:
@@ -143,8 +141,7 @@ class SharedWeights:
         if engine_model is not None:
             self.check_engine(engine_model)
         start = time.perf_counter()
-        if size > 1:
-            dist.barrier(group=self.group)
+        barrier(self.group)
         written = tensors = 0
         for name, p in model.named_parameters():
             if not is_weight(name):
@@ -155,8 +152,7 @@ class SharedWeights:
             place_shard(spec, param, p.detach(), [self.views[h] for h in param.hf], rank, size)
             written += p.numel() * p.element_size()
             tensors += len(param.hf)
-        if size > 1:
-            dist.barrier(group=self.group)
+        barrier(self.group)
         if stats is not None:
             stats.bytes += written
             stats.tensors += tensors

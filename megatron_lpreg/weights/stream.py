@@ -18,10 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_lpreg.model.hf_config import ModelSpec
-from megatron_lpreg.parallel import group_or_none, group_rank, group_size
+from megatron_lpreg.parallel import all_gather, exchange, group_or_none, group_rank, group_size
 from megatron_lpreg.weights.table import find_param, is_weight, to_hf
 
 DEFAULT_BUCKET_BYTES = 512 * 1024**2
@@ -89,7 +88,7 @@ def stream_hf_weights(
             gathered = [local]
         elif dst_tp_rank is None:
             gathered = [torch.empty_like(local) for _ in range(tp_size)]
-            dist.all_gather(gathered, local, group=tp_group)
+            all_gather(gathered, local, tp_group)
         else:
             gathered = None
             if receives:
@@ -97,21 +96,17 @@ def stream_hf_weights(
                 need = n * (tp_size - 1)
                 if workspace is None or workspace.numel() < need or workspace.dtype != local.dtype:
                     workspace = torch.empty(need, dtype=local.dtype, device=local.device)
-                ops, gathered = [], []
+                receives, gathered = [], []
                 for r in range(tp_size):
                     if r == rank:
                         gathered.append(local)
                         continue
-                    slot = workspace[len(ops) * n:(len(ops) + 1) * n]
-                    src = dist.get_global_rank(tp_group, r)
-                    ops.append(dist.P2POp(dist.irecv, slot, src, group=tp_group))
+                    slot = workspace[len(receives) * n:(len(receives) + 1) * n]
+                    receives.append((slot, r))
                     gathered.append(slot)
-                for work in dist.batch_isend_irecv(ops):
-                    work.wait()
+                exchange([], receives, tp_group)
             else:
-                dst = dist.get_global_rank(tp_group, dst_tp_rank)
-                for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, local, dst, group=tp_group)]):
-                    work.wait()
+                exchange([(local, dst_tp_rank)], [], tp_group)
         del local
         out: list[tuple[str, torch.Tensor]] = []
         if receives:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_lpreg.policy.batching import RolloutBatch, microbatch
-from megatron_lpreg.policy.packing import pack_rows, token_budget_packs
+from megatron_lpreg.policy.packing import pack_rows, thd_params, token_budget_packs
 from tests.distributed import run_distributed
 from tests.policy.test_passes import CaptureGrads, load_policy, random_rollouts
 from tests.model.tiny_models import save_tiny_model
@@ -98,3 +98,41 @@ def test_packed_rows_give_the_padded_numbers(tmp_path, tp):
         assert m_plain["loss/policy"] == pytest.approx(m_packed["loss/policy"], rel=1e-5, abs=1e-6)
         for n in grads_plain:
             torch.testing.assert_close(grads_plain[n], grads_packed[n], rtol=1e-4, atol=1e-6)
+
+
+def test_thd_segments_are_the_block_mask_segments():
+    """Transformer Engine's THD path (not run: TE needs CUDA) gets what the block mask encodes: the
+    rows end to end as one batch, a segment per sequence and per row's trailing padding."""
+    g = torch.Generator().manual_seed(0)
+    lens = [(3, 4), (2, 1), (4, 6), (1, 2)]  # sequence lengths 7, 3, 10, 3
+    seqs = [torch.randint(1, 50, (p + r,), generator=g).tolist() for p, r in lens]
+    batch = RolloutBatch.from_sequences(seqs, [p for p, _ in lens], torch.zeros(4))
+    mb = microbatch(batch, [2, 0, 1, 3], pad_id=0)
+    rows = [[2], [0, 1], [3]]
+    masked, thd = pack_rows(mb, rows, pad_id=0), pack_rows(mb, rows, pad_id=0, thd=True)
+    assert thd.attention_mask is None
+    for name in ("tokens", "targets", "index", "valid"):
+        assert torch.equal(getattr(thd, name), getattr(masked, name)), name
+    # Rows of 10: [10] | [7, 3] | [3, pad 7].
+    assert thd.cu_seqlens.dtype == torch.int32 and thd.cu_seqlens.tolist() == [0, 10, 17, 20, 23, 30]
+    assert thd.max_seqlen == 10
+    # The segments rebuild the block-diagonal causal mask exactly.
+    flat = torch.zeros(30, dtype=torch.long)
+    for k, (a, b) in enumerate(zip(thd.cu_seqlens[:-1].tolist(), thd.cu_seqlens[1:].tolist())):
+        flat[a:b] = k
+    seg = flat.view(3, 10)
+    rebuilt = (seg.unsqueeze(2) != seg.unsqueeze(1)) | torch.ones(10, 10, dtype=torch.bool).triu(1)
+    assert torch.equal(rebuilt.unsqueeze(1), masked.attention_mask)
+    params = thd_params(thd)
+    assert params.qkv_format == "thd" and params.max_seqlen_q == params.max_seqlen_kv == 10
+    assert params.cu_seqlens_q is thd.cu_seqlens and params.cu_seqlens_kv is thd.cu_seqlens
+
+
+def test_model_logits_takes_thd_as_one_unmasked_row():
+    from megatron_lpreg.model import model_logits
+
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"one \[1, T\] THD batch"):
+        model_logits(None, ids, packed_seq_params=object())
+    with pytest.raises(ValueError, match=r"one \[1, T\] THD batch"):
+        model_logits(None, ids[:1], torch.zeros(1, 1, 5, 5, dtype=torch.bool), packed_seq_params=object())
