@@ -8,6 +8,10 @@ log-prob pass and the updates under the ``grpo`` preset (Lp-Reg off, same clip s
 Lp-Reg, in alternating order, each from a snapshot of the weights and optimiser that is restored
 afterwards. Comparing the two on identical data and weights, back to back, isolates what Lp-Reg
 adds (the proxy in the log-prob pass; selection and the regulariser in the loss) from rollout noise.
+
+Where every TP rank has an engine (the transformers engine on CPU at TP > 1: each rank generates a
+slice of the prompts), the step's prompts are also generated twice more, in alternating order: by
+every rank, and by TP rank 0 alone as before (the others waiting), to time what slicing gains.
 """
 
 from __future__ import annotations
@@ -54,6 +58,26 @@ def _batch(trainer, step: int):
                     trainer.ctx.device)
 
 
+def _timed_rollouts(trainer, step: int) -> tuple[float, float]:
+    """Seconds to generate and grade the step's prompts with every TP rank's engine (slices), then
+    with TP rank 0's alone; the sampler is rewound so both draw the same prompts."""
+    from megatron_lpreg.parallel import barrier, world_group
+
+    sampler_state = trainer.state.sampler.state_dict()
+    seconds = {}
+    order = (True, False) if step % 2 == 0 else (False, True)
+    for sliced in order:
+        trainer.state.sampler.load_state_dict(sampler_state)
+        trainer.sliced, trainer.engine_rank = sliced, sliced or trainer.ctx.tp_rank == 0
+        barrier(world_group())
+        start = time.perf_counter()
+        trainer.generate(step)
+        seconds[sliced] = time.perf_counter() - start
+    trainer.sliced = trainer.engine_rank = True
+    trainer.state.sampler.load_state_dict(sampler_state)
+    return seconds[True], seconds[False]
+
+
 def _timed_learn(trainer, batch, loss_cfg) -> float:
     """The log-prob pass (where the trainer runs one) and the updates under ``loss_cfg``, from a
     snapshot restored afterwards."""
@@ -90,10 +114,12 @@ def main(argv=None) -> None:
                                         "logging.console=false"])
         losses = {"lp_reg": dataclasses.replace(cfg.loss, enabled=True),
                   "grpo": dataclasses.replace(cfg.loss, enabled=False)}
-        steps, paired = [], {"lp_reg": [], "grpo": []}
+        steps, paired, rollouts = [], {"lp_reg": [], "grpo": []}, []
         with GRPOTrainer(cfg) as trainer:
             trainer.train_step()  # warm-up: first-call costs (allocator, lazy imports, reward workers)
             for i in range(args.steps):
+                if trainer.sliced:
+                    rollouts.append(_timed_rollouts(trainer, trainer.step + 1))
                 # The paired measurement draws the next rollout itself, then rewinds the sampler so
                 # the real step below trains on exactly that batch.
                 sampler_state = trainer.state.sampler.state_dict()
@@ -114,6 +140,10 @@ def main(argv=None) -> None:
           f"ratio {lp / gr:.3f}")
     print(f"Lp-Reg overhead: {lp - gr:+.3f} s = {(lp - gr) / step_s:+.1%} of the step time")
     print(f"(|S'| median {statistics.median(m.get('lpreg/selected', 0.0) for m in steps):.0f} tokens/step)")
+    if rollouts:
+        every, rank0 = (statistics.median(r[i] for r in rollouts) for i in (0, 1))
+        print(f"\nrollout of the same prompts: every TP rank generating {every:.3f} s, TP rank 0 alone "
+              f"{rank0:.3f} s, speed-up {rank0 / every:.2f}x")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,9 @@ class LoggingConfig:
     wandb_entity: str | None = None  # wandb team or user
     console: bool = True  # progress bar and a line per step on rank 0
     peak_tflops: float | None = None  # this device's peak for perf/mfu (e.g. a GPU's datasheet); null: measured at start
+    # sampled_p/*: histogram of pi_old(sampled token), low-probability tokens inside/outside the min-p
+    # support (loss.kappa). With Lp-Reg off this adds one vocabulary partition sum per scoring pass.
+    sampled_token_metrics: bool = True
 
 
 @dataclass

@@ -33,6 +33,14 @@ class Run:
         return max((steps[-1] for steps, _ in self.series.values() if steps), default=None)
 
 
+def group_by_label(runs: list[Run]) -> list[tuple[str, list[Run]]]:
+    """Runs under one label (a method's seeds), in first-appearance order."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.label, []).append(r)
+    return list(groups.items())
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None

@@ -79,16 +79,35 @@ def test_train_starts_its_own_ranks_without_torchrun(tmp_path):
     assert proc.stdout.count("# resolved configuration") == 1  # printed by rank 0 only
 
 
-def test_compare_trains_grpo_then_lp_reg_and_plots_both(tmp_path):
+def _table_row(text: str, label: str) -> list[str]:
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == label:
+            return cells
+    raise AssertionError(f"no row for {label!r} in:\n{text}")
+
+
+def test_compare_trains_each_method_and_seed_and_plots_them(tmp_path):
     config = _tiny_run_config(tmp_path, 1, "validation: {{files: [{val_arith}], every: 1, max_tokens: 6}}",
                               "checkpoint: {{every: 0, save_at_end: false}}")
     out = tmp_path / "cmp"
-    proc = _cli("compare", "--config", str(config), "--out", str(out), "grpo.seed=3")
+    proc = _cli("compare", "--config", str(config), "--out", str(out), "--methods", "grpo,lpreg", "--seeds", "2",
+                "grpo.seed=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name, enabled in (("grpo", False), ("lp_reg", True)):
-        resolved = yaml.safe_load((out / name / "config.yaml").read_text())
-        assert resolved["loss"]["enabled"] is enabled and resolved["grpo"]["seed"] == 3
-        assert [r["step"] for r in read_metrics(out / name / "metrics.jsonl")] == [0, 1]
+    for method, preset, enabled in (("grpo", "grpo", False), ("lpreg", "lp_reg", True)):
+        for seed in (3, 4):
+            run_dir = out / method / f"seed{seed}"
+            resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+            assert resolved["loss"]["preset"] == preset and resolved["loss"]["enabled"] is enabled
+            assert resolved["grpo"]["seed"] == seed
+            rows = read_metrics(run_dir / "metrics.jsonl")
+            assert [r["step"] for r in rows] == [0, 1]
+            assert "sampled_p/hist_19" in rows[1] and "sampled_p/low_share" in rows[1]
     table = (out / "plots" / "comparison.md").read_text()
-    assert "**GRPO**" in table and "**Lp-Reg**" in table and table in proc.stdout
-    assert (out / "plots" / "val_accuracy.png").exists() and (out / "plots" / "entropy.png").exists()
+    assert "## Per method" in table and table in proc.stdout
+    per_method = table.split("## Per method")[1]
+    assert _table_row(per_method, "GRPO")[1] == "2" and _table_row(per_method, "Lp-Reg")[1] == "2"
+    for name in ("val_accuracy.png", "entropy.png", "token_probability.png"):
+        assert (out / "plots" / name).exists(), name
+    proc = _cli("compare", "--methods", "grpo,ppo")
+    assert proc.returncode == 2 and "unknown ['ppo']" in proc.stdout

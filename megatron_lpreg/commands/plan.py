@@ -1,4 +1,5 @@
-"""Per-GPU memory of a run, before it is launched: does it fit, and if not, what to change.
+"""Per-GPU memory of a run, before it is launched: does it fit, and if not, what to change; and
+how long a step should take (``megatron_lpreg/step_time_plan.py``).
 
     megatron-lpreg plan --model qwen3-14b --nodes 8 --tp 8
     megatron-lpreg plan --model /models/Qwen2.5-32B --config run.yaml --tp 8 --json
@@ -18,6 +19,10 @@ from megatron_lpreg.config import ConfigError, load_config
 from megatron_lpreg.memory_plan import BUILTIN_MODELS, DTYPE_BYTES, Plan, estimate, fitting_tps
 from megatron_lpreg.model import ModelConfigError, ModelSpec, parse_hf_config
 from megatron_lpreg.model.build import RECOMPUTE
+from megatron_lpreg.step_time_plan import (
+    DEFAULT_DECODE_EFFICIENCY, DEFAULT_MFU, DEFAULT_PREFILL_MFU, H100_HBM_TBPS, H100_PEAK_TFLOPS, estimate_step_time,
+    format_step_time,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flash: Transformer Engine's fused attention; unfused: the local spec (stores s^2 scores)")
     p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=None,
                    help="master weights and AdamW moments sharded over DP (ZeRO-1)")
+    t = p.add_argument_group("step time (estimates at these assumptions; defaults: one H100 SXM)")
+    t.add_argument("--mean-prompt-len", type=int, default=None, help="default: data.max_prompt_len / 2")
+    t.add_argument("--mean-response-len", type=int, default=None, help="default: rollout.max_tokens / 2")
+    t.add_argument("--peak-tflops", type=float, default=H100_PEAK_TFLOPS, help="dense bf16 peak per GPU")
+    t.add_argument("--hbm-tbps", type=float, default=H100_HBM_TBPS, help="HBM bandwidth per GPU, TB/s")
+    t.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="share of the peak the training and log-prob passes reach")
+    t.add_argument("--prefill-mfu", type=float, default=DEFAULT_PREFILL_MFU, help="share of the peak prefill reaches")
+    t.add_argument("--decode-efficiency", type=float, default=DEFAULT_DECODE_EFFICIENCY,
+                   help="share of the HBM roofline a decode iteration (and the refit copy) reaches")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. rollout.n=16")
 
@@ -100,13 +114,36 @@ def run(args) -> int:
         better = fitting_tps(spec, tp, world, inputs)
         plan.errors.append(f"with these settings tp={better[0]} fits" if better else
                            "no TP size that splits the model and the world fits with these settings")
+    timing = step_time(args, cfg, spec, plan, inputs)
     if args.json:
         print(json.dumps({"model": name, "architecture": spec.architecture, "nodes": args.nodes,
                           "gpus_per_node": args.gpus_per_node, "world_size": world, "dtype": cfg.model.dtype,
-                          **plan.to_dict()}, indent=2))
+                          **plan.to_dict(), "step_time": timing.to_dict()}, indent=2))
     else:
         print(format_plan(plan, name, spec, args.nodes, args.gpus_per_node, cfg.model.dtype))
+        print()
+        print(format_step_time(timing))
     return 0 if plan.fits and not plan.errors else 3
+
+
+def step_time(args, cfg, spec: ModelSpec, plan: Plan, inputs: dict):
+    from megatron_lpreg.policy.passes import on_policy_scores
+
+    for flag in ("mean_prompt_len", "mean_response_len"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    on_policy = on_policy_scores(cfg.loss, num_minibatches=cfg.grpo.prompts_per_step // cfg.grpo.mini_batch_prompts,
+                                 epochs=cfg.grpo.epochs, ref_model=cfg.loss.ref_kl_coef > 0 or None,
+                                 mask_seq_abs_diff=cfg.mismatch.mask_seq_abs_diff)
+    try:
+        return estimate_step_time(
+            spec, plan, prompts_per_step=cfg.grpo.prompts_per_step, rollout_n=cfg.rollout.n,
+            mean_prompt_len=args.mean_prompt_len or max(1, inputs["max_prompt_len"] // 2),
+            mean_response_len=args.mean_response_len or max(1, inputs["max_response_len"] // 2),
+            dtype_bytes=inputs["dtype_bytes"], epochs=cfg.grpo.epochs, on_policy=on_policy,
+            peak_tflops=args.peak_tflops, hbm_tbps=args.hbm_tbps, mfu=args.mfu, prefill_mfu=args.prefill_mfu,
+            decode_efficiency=args.decode_efficiency)
+    except ValueError as e:
+        raise ConfigError(f"step time: --{str(e).replace('_', '-')}") from None
 
 
 def format_plan(plan: Plan, name: str, spec: ModelSpec, nodes: int, gpus_per_node: int, dtype: str) -> str:

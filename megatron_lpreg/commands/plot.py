@@ -12,9 +12,16 @@ Reads each run directory's ``metrics.jsonl`` (lines of the same step are merged)
     reward.png           mean reward (reward/mean)
     delta_rho.png        Lp-Reg's percentile threshold delta_rho, a probability (log y over decades)
     pass_share.png       share of the lowest-rho tokens that pass the proxy filter
+    low_p_share.png      share of sampled tokens with p < 0.1 under pi_old
+    low_p_in_support.png of those, the share inside the min-p support (sparks, not noise)
+    token_probability.png, sparks.png   the paper's Fig. 1c/1d (commands/sampled_token_figures.py)
     lpreg_selected.png, clipfrac.png, grad_norm.png, step_time.png   diagnostics
     summary.png          accuracy, entropy, response length and reward in one grid
-    comparison.md        per run: first / last / best validation accuracy, first / last entropy
+    comparison.md        per run: first / last / best validation accuracy, first / last entropy;
+                         per label with several runs (a method's seeds): mean +- standard deviation
+
+Runs given the same label (``--labels GRPO,GRPO,Lp-Reg,Lp-Reg``: a method's seeds) are drawn as one
+curve, their mean, with a band between the lowest and the highest run.
 
 A quantity that no run logged is skipped. ``--smooth N`` draws each training curve as a trailing
 moving average over its last N logged steps, over the raw curve drawn faintly; validation curves
@@ -30,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megatron_lpreg.commands.report import COMPARISON_FILE, VAL_MEAN, source_title, val_source_keys, write_comparison
-from megatron_lpreg.runs import Run, RunError, load_run
+from megatron_lpreg.runs import Run, RunError, group_by_label, load_run
 
 SUMMARY_FIGURE = "summary.png"
 
@@ -44,6 +51,9 @@ QUANTITIES: tuple[tuple[str, str, str, str, bool], ...] = (
     ("lpreg_selected", "lpreg/selected", "Lp-Reg regularised tokens", "tokens", False),
     ("kept_mass", "lpreg/kept_mass_mean", "Proxy kept mass $M$", "probability", False),
     ("clipfrac", "pg/clipfrac", "Policy-gradient clip fraction", "fraction", False),
+    ("low_p_share", "sampled_p/low_share", "Sampled tokens with $p < 0.1$", "share", False),
+    ("low_p_in_support", "sampled_p/low_in_support", "Low-probability tokens inside the min-p support",
+     "share", False),
     ("grad_norm", "optim/grad_norm", "Gradient norm", "norm", False),
     ("step_time", "time/step", "Step time", "seconds", False),
 )
@@ -112,29 +122,44 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def mean_and_spread(runs: list[Run], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Per step over the runs that logged ``key`` there: steps, mean, lowest, highest."""
+    by_step: dict[int, list[float]] = {}
+    for r in runs:
+        if r.has(key):
+            for step, value in zip(*r.series[key]):
+                if math.isfinite(value):
+                    by_step.setdefault(step, []).append(value)
+    steps = sorted(by_step)
+    return (steps, [sum(by_step[s]) / len(by_step[s]) for s in steps],
+            [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps])
+
+
 def _draw(ax, runs: list[Run], key: str, smooth: int, *, log_y: bool = False, markers: bool = False) -> bool:
-    """Overlay ``key`` of every run on ``ax``; False (ax untouched) when no run has it.
+    """Overlay ``key`` of every run on ``ax``; False (ax untouched) when no run has it. Runs sharing a
+    label (a method's seeds) are drawn as their mean, with the band between the lowest and highest.
 
     ``markers``: a sparse curve (validation), drawn as logged with a marker per point, unsmoothed.
     """
     drawn = False
     positive = True
     lo, hi = math.inf, -math.inf
-    for i, r in enumerate(runs):
-        if not r.has(key):
+    for i, (label, members) in enumerate(group_by_label(runs)):
+        steps, values, low, high = mean_and_spread(members, key)
+        if not steps:
             continue
-        steps, values = r.series[key]
         color = COLORS[i % len(COLORS)]
         marker = "o" if markers or len(steps) == 1 else None
+        if len(members) > 1:
+            ax.fill_between(steps, low, high, color=color, alpha=0.18, linewidth=0)
+            label = f"{label} (mean of {len(members)})"
         if smooth > 1 and len(steps) > 1 and not markers:
             ax.plot(steps, values, color=color, alpha=0.25, linewidth=1.0)
-            ax.plot(steps, _smooth(values, smooth), color=color, label=r.label, marker=marker, markersize=3)
+            ax.plot(steps, _smooth(values, smooth), color=color, label=label, marker=marker, markersize=3)
         else:
-            ax.plot(steps, values, color=color, label=r.label, marker=marker, markersize=3)
-        finite = [v for v in values if math.isfinite(v)]
-        if finite:
-            lo, hi = min(lo, *finite), max(hi, *finite)
-            positive = positive and min(finite) > 0
+            ax.plot(steps, values, color=color, label=label, marker=marker, markersize=3)
+        lo, hi = min(lo, *low), max(hi, *high)
+        positive = positive and min(low) > 0
         drawn = True
     if drawn and log_y and positive and hi > 10 * lo:
         ax.set_yscale("log")
@@ -235,12 +260,17 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
     out_dir = Path(out_dir) if out_dir is not None else run_dirs[0] / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    from megatron_lpreg.commands.sampled_token_figures import plot_sparks, plot_token_probability
+
     written: list[Path] = []
+    groups = group_by_label(runs)
     with matplotlib.rc_context(STYLE):
         for path in (
             _plot_validation(runs, out_dir, smooth),
             *(_plot_single(runs, out_dir, smooth, *q) for q in QUANTITIES),
             _plot_summary(runs, out_dir, smooth),
+            plot_token_probability(groups, out_dir, _new_figure),
+            plot_sparks(groups, out_dir, _new_figure),
         ):
             if path is not None:
                 written.append(path)
@@ -253,8 +283,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default: RUN_DIR/plots of the first run)")
     p.add_argument("--labels", default=None, metavar="A,B",
-                   help="comma-separated legend names, one per run (default: logging.wandb_name or the "
-                        "directory name; equal names get the loss method added)")
+                   help="comma-separated legend names, one per run; runs with the same name (a method's "
+                        "seeds) are drawn as their mean and spread (default: logging.wandb_name or the "
+                        "directory name; equal default names get the loss method added)")
     p.add_argument("--smooth", type=int, default=1, metavar="N",
                    help="trailing moving-average window of the training curves, in steps (default 1)")
 

@@ -3,6 +3,8 @@
 
 comparison.md: per run, first / last / best validation accuracy (``val/mean``) and first / last
 entropy, then per data source, then the training metrics' first / last values; values as logged.
+Runs sharing a label (a method's seeds) also get one row per label: best and final validation
+accuracy and entropy at start / lowest / end, as mean +- sample standard deviation over the runs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from megatron_lpreg.runs import Run, load_run
+from megatron_lpreg.runs import Run, group_by_label, load_run
 
 COMPARISON_FILE = "comparison.md"
 VAL_MEAN = "val/mean"
@@ -105,6 +107,8 @@ def write_comparison(runs: list[Run], path: str | Path) -> Path:
                              _fmt(v["best"]), str(v["best_step"])])
         lines += _table(["source", "run", "first", "last", "best", "best step"], rows)
 
+    lines += _per_method(runs)
+
     train_keys = [k for k in ("reward/mean", "response/length_mean", "lpreg/delta_rho", "lpreg/pass_share")
                   if any(r.has(k) for r in runs)]
     if train_keys:
@@ -120,6 +124,37 @@ def write_comparison(runs: list[Run], path: str | Path) -> Path:
         lines += _table(["run", *train_keys], rows)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def _per_method(runs: list[Run]) -> list[str]:
+    """One row per label with several runs: each statistic taken per run, then over the runs."""
+    groups = [(label, members) for label, members in group_by_label(runs) if len(members) > 1]
+    if not groups:
+        return []
+    rows = []
+    for label, members in groups:
+        val = [_first_last_best(r, VAL_MEAN) for r in members]
+        ent = [_finite(r, "entropy/mean")[1] for r in members]
+        ent = [e for e in ent if e]
+        rows.append([
+            _cell(label), str(len(members)),
+            _mean_std([v["best"] for v in val if v["best"] is not None]),
+            _mean_std([v["last"] for v in val if v["last"] is not None]),
+            _mean_std([e[0] for e in ent]), _mean_std([min(e) for e in ent]), _mean_std([e[-1] for e in ent]),
+        ])
+    return ["", "## Per method: mean ± standard deviation over its runs (seeds)", "",
+            *_table(["method", "runs", "val best", "val last", "entropy first", "entropy min", "entropy last"],
+                    rows)]
 
 
 _SUMMARY_LINES = (

@@ -1,9 +1,12 @@
-"""Generate and grade on one rank per tensor-parallel group, then share the result in the group.
+"""Generate and grade, then share the result in the tensor-parallel group.
 
-The rollout engine and the reward pool live on TP rank 0 of each data-parallel replica (a
-transformers engine on CPU holds the full model once, not once per TP rank); the other TP ranks
-only need the token ids, rewards and engine log-probs to run their shard of the training passes.
-The engine's log-probs travel as one tensor per completion (``Completion``), never as Python lists.
+Where every TP rank of a replica has an engine over the same weights (the transformers engine on
+CPU with the shared-memory refit: one copy of the model mapped by the whole group), each rank
+generates and grades its own slice of the replica's prompts and the slices are gathered
+(``merge_rollouts``). Otherwise the engine and the reward pool live on TP rank 0 and the result is
+broadcast. Either way every TP rank ends with the same rollout: the token ids, rewards and engine
+log-probs its shard of the training passes needs. The engine's log-probs travel as one tensor per
+completion (``Completion``), never as Python lists.
 """
 
 from __future__ import annotations
@@ -47,6 +50,21 @@ def generate_and_grade(engine, pool, tokenizer, prompt_ids: list[list[int]], gro
     graded = pool.grade_batch_detailed(texts, truths)
     return GradedRollout(prompt_ids, completions, graded.rewards, graded.statuses, sampling.n,
                          generate_s=generated - start, reward_s=time.perf_counter() - generated)
+
+
+def merge_rollouts(parts: list[GradedRollout]) -> GradedRollout:
+    """The slices of one replica's prompts, generated side by side, as one rollout in slice order."""
+    return GradedRollout(
+        [p for part in parts for p in part.prompt_ids], [c for part in parts for c in part.completions],
+        [r for part in parts for r in part.rewards], [s for part in parts for s in part.statuses], parts[0].n,
+        generate_s=max(part.generate_s for part in parts), reward_s=max(part.reward_s for part in parts))
+
+
+def prompt_slice(count: int, rank: int, size: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``count`` prompts (the first ranks take one more)."""
+    base, extra = divmod(count, size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
 
 
 def to_batch(graded: GradedRollout, advantages: torch.Tensor, trainable, device) -> RolloutBatch:

@@ -12,14 +12,16 @@ from megatron_lpreg.grpo.advantages import group_stats
 from megatron_lpreg.grpo.mismatch import mismatch_metrics
 from megatron_lpreg.grpo.reward_shaping import overlong_penalty
 from megatron_lpreg.grpo.rollout import GradedRollout
+from megatron_lpreg.grpo.sampled_tokens import sampled_token_metrics
 from megatron_lpreg.policy.batching import RolloutBatch
 from megatron_lpreg.policy.metric_sums import MetricSums
 from megatron_lpreg.policy.passes import Scores
 
 
 def rollout_metrics(graded: GradedRollout, batch: RolloutBatch, scores: Scores, truncated: float,
-                    reward_cfg, max_tokens: int) -> MetricSums:
-    """Rewards, response lengths, entropy, Lp-Reg's kept mass and the engine/trainer mismatch."""
+                    reward_cfg, max_tokens: int, sampled_tokens: bool = False) -> MetricSums:
+    """Rewards, response lengths, entropy, Lp-Reg's kept mass and the engine/trainer mismatch;
+    ``sampled_tokens``: the sampled-token probability summaries (grpo.sampled_tokens) too."""
     sums = MetricSums()
     stats = group_stats(torch.tensor(graded.rewards), graded.n)
     groups = stats["num_groups"]
@@ -46,6 +48,11 @@ def rollout_metrics(graded: GradedRollout, batch: RolloutBatch, scores: Scores, 
         sums.add({"entropy/mean": scores.entropy.sum() / tokens}, weight=tokens)
         if scores.kept_mass is not None:  # Lp-Reg: M of the proxy under pi_old
             sums.add({"lpreg/kept_mass_mean": scores.kept_mass.sum() / tokens}, weight=tokens)
+        if sampled_tokens:
+            proxy = scores.proxy_logprobs if scores.kept_mass is not None else None
+            per_token, per_low, low = sampled_token_metrics(scores.old_logprobs, proxy)
+            sums.add(per_token, weight=tokens)
+            sums.add(per_low, weight=low)
     # The engine's own log-probs against the trainer's recomputation: the rollout/train gap.
     mismatch, tokens = mismatch_metrics(batch.responses(batch.engine_logprobs), batch.responses(scores.old_logprobs))
     sums.add(mismatch, weight=tokens)

@@ -27,14 +27,14 @@ from megatron_lpreg.grpo.advantages import group_advantages
 from megatron_lpreg.grpo.dynamic_sampling import sample_groups
 from megatron_lpreg.grpo.mismatch import trainable_sequences
 from megatron_lpreg.grpo.reward_shaping import shape_rewards, truncated_mask
-from megatron_lpreg.grpo.rollout import generate_and_grade, to_batch
+from megatron_lpreg.grpo.rollout import generate_and_grade, merge_rollouts, prompt_slice, to_batch
 from megatron_lpreg.grpo.skips import SkipCounter, TrainingDiverged, weights_finite
 from megatron_lpreg.grpo.step_metrics import optimizer_metrics, rollout_metrics
 from megatron_lpreg.grpo.trainer_state import TrainerState
 from megatron_lpreg.grpo.validation import validate
 from megatron_lpreg.inputs import check_inputs
 from megatron_lpreg.memory import MB, PhasePeaks, freeze_setup_objects, parameter_bytes, unfreeze_setup_objects
-from megatron_lpreg.parallel import broadcast_object, init_distributed
+from megatron_lpreg.parallel import all_gather_object, broadcast_object, init_distributed, world_group
 from megatron_lpreg.policy.optimizer import PolicyOptimizer
 from megatron_lpreg.policy.metric_sums import MetricSums
 from megatron_lpreg.policy.passes import PolicyContext, on_policy_scores, recompute_logprobs, train
@@ -45,7 +45,7 @@ from megatron_lpreg.policy.training_checkpoint import (
 )
 from megatron_lpreg.rollout.build import build_rollout_engine
 from megatron_lpreg.rollout.engine import SamplingParams, stop_token_ids
-from megatron_lpreg.weights.refit import EngineRefit
+from megatron_lpreg.weights.refit import EngineRefit, shares_engine_memory
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,6 @@ class GRPOTrainer:
         for name, value in (("grpo.prompts_per_step", g.prompts_per_step), ("grpo.mini_batch_prompts", g.mini_batch_prompts)):
             if value % ctx.dp_size:
                 raise ConfigError(f"{name}={value} is not divisible by the data-parallel size {ctx.dp_size}")
-        self.engine_rank = ctx.tp_rank == 0
         self.tokenizer = AutoTokenizer.from_pretrained(m.tokenizer or m.path)
         self.stop_ids = stop_token_ids(self.tokenizer, self.hf_dir)
         self.spec = parse_hf_config(self.hf_dir)
@@ -92,7 +91,8 @@ class GRPOTrainer:
             model=self.model, vocab_size=self.spec.vocab_size, pad_id=pad_id, device=ctx.device,
             tp_group=ctx.tp, dp_group=ctx.dp, dp_size=ctx.dp_size, micro_batch_tokens=g.micro_batch_tokens,
             pad_to_multiple=g.pad_to_multiple, pack_sequences=g.pack_sequences,
-            thd=g.pack_sequences and self.te, ref_model=self.ref_model)
+            thd=g.pack_sequences and self.te, ref_model=self.ref_model,
+            min_p_support=cfg.logging.sampled_token_metrics)
 
         d = cfg.data
         fields = DataFields(d.prompt_key, d.data_source_key, d.ground_truth_key)
@@ -102,13 +102,21 @@ class GRPOTrainer:
         self.state = TrainerState(PromptSampler(len(self.train_data), g.prompts_per_step, g.seed, shuffle=d.shuffle),
                                   SkipCounter(g.max_consecutive_skips), world_size=ctx.world_size, tp_size=ctx.tp_size)
 
+        # TP rank 0 hosts the replica's engine; where the group can share one copy of its weights,
+        # every TP rank runs an engine on that copy and generates a slice of the prompts.
         self.engine = self.pool = None
-        if self.engine_rank:
+        if ctx.tp_rank == 0 or shares_engine_memory(cfg, ctx.device):
             self.engine = build_rollout_engine(cfg, self.hf_dir, self.spec.max_position_embeddings, pad_id, g.seed)
+        self.refitter = EngineRefit(cfg, self.engine, ctx.tp, ctx.device)
+        if self.refitter.shared is None and ctx.tp_rank != 0 and self.engine is not None:
+            self.engine.close()  # no shared memory after all: TP rank 0 generates alone
+            self.engine = None
+        self.engine_rank = self.engine is not None
+        self.sliced = self.engine_rank and ctx.tp_size > 1 and self.refitter.shared is not None
+        if self.engine_rank:
             r = cfg.reward
             self.pool = FunctionReward(r.function) if r.function else \
                 RewardPool(r.num_workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb)
-        self.refitter = EngineRefit(cfg, self.engine, ctx.tp, ctx.device)
         self.memory = PhasePeaks(ctx.device)
         self.minibatches = g.prompts_per_step // g.mini_batch_prompts
         peak = cfg.logging.peak_tflops
@@ -155,7 +163,8 @@ class GRPOTrainer:
         with self._phase("refit", times, fault_point=False):  # and the refit's in the refit
             refit = self.refit()
 
-        sums = rollout_metrics(rollout, batch, scores, truncated, c.reward, c.rollout.max_tokens)
+        sums = rollout_metrics(rollout, batch, scores, truncated, c.reward, c.rollout.max_tokens,
+                               sampled_tokens=c.logging.sampled_token_metrics)
         sums.merge(trained.metrics)
         sums.merge(self.throughput(batch, times, scores is trained.scores))
         if masked is not None:
@@ -196,22 +205,31 @@ class GRPOTrainer:
 
     def _draw(self, step: int, round_: int = 0):
         """The sampler's next prompts (this replica's share), generated and graded on the engine
-        rank, shared with its TP group, rewards shaped: (graded, prompts truncated)."""
+        rank (or each TP rank a slice, gathered), shared with the TP group, rewards shaped:
+        (graded, prompts truncated)."""
         c, ctx = self.cfg, self.ctx
         indices = next(self.state.sampler)
         per = len(indices) // ctx.dp_size
         records = [self.train_data[i] for i in indices[ctx.dp_rank * per:(ctx.dp_rank + 1) * per]]
+        slot, slots = ctx.dp_rank, ctx.dp_size
+        if self.sliced:  # every engine of the world samples with its own seed
+            records = records[prompt_slice(len(records), ctx.tp_rank, ctx.tp_size)]
+            slot, slots = ctx.dp_rank * ctx.tp_size + ctx.tp_rank, ctx.world_size
         result = None
         if self.engine_rank:
             prompt_ids, truncated = encode_prompts(records, self.tokenizer, c.data.template, c.data.max_prompt_len)
             r = c.rollout
             sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                       max_tokens=r.max_tokens, stop_token_ids=self.stop_ids,
-                                      seed=sampling_seed(c.grpo.seed, step, ctx.dp_rank, round_))
+                                      seed=sampling_seed(c.grpo.seed, step, slot, round_))
             graded = generate_and_grade(self.engine, self.pool, self.tokenizer, prompt_ids,
                                         [rec.ground_truth for rec in records], sampling)
             result = (graded, truncated)
-        graded, truncated = broadcast_object(result, ctx.tp)
+        if self.sliced:
+            parts = all_gather_object(result, ctx.tp)
+            graded, truncated = merge_rollouts([g for g, _ in parts]), sum(t for _, t in parts)
+        else:
+            graded, truncated = broadcast_object(result, ctx.tp)
         if c.reward.overlong_buffer:
             shape_rewards(graded, max_tokens=c.rollout.max_tokens, buffer=c.reward.overlong_buffer,
                           factor=c.reward.overlong_penalty)
@@ -254,11 +272,15 @@ class GRPOTrainer:
         prompt_ids = None
         if self.engine_rank:
             prompt_ids, _ = encode_prompts(list(self.val_data), self.tokenizer, c.data.template, c.data.max_prompt_len)
+        ctx = self.ctx
+        # Sliced: every rank's engine takes its share of the prompts, and the whole world reduces.
+        slot, slots, group = (ctx.rank, ctx.world_size, world_group()) if self.sliced else \
+            (ctx.dp_rank, ctx.dp_size, ctx.dp)
         out = validate(
             self.engine, self.pool, self.tokenizer, self.val_data, prompt_ids, c.validation,
             max_tokens=c.validation.max_tokens or c.rollout.max_tokens, stop_ids=self.stop_ids,
-            seed=sampling_seed(c.grpo.seed + 1, self.step, 0), dp_rank=self.ctx.dp_rank,
-            dp_size=self.ctx.dp_size, dp_group=self.ctx.dp, on_engine_rank=self.engine_rank)
+            seed=sampling_seed(c.grpo.seed + 1, self.step, 0), dp_rank=slot, dp_size=slots, dp_group=group,
+            on_engine_rank=self.engine_rank)
         if "val/mean" in out:
             self.state.record_validation(out["val/mean"])
         if self.state.best is not None:

@@ -56,6 +56,12 @@ class PolicyContext:
     pack_sequences: bool = False  # several sequences per row, block-diagonal attention (policy.packing)
     thd: bool = False  # packed rows through megatron's THD path (Transformer Engine), not a block mask
     ref_model: object = None  # frozen initial policy, built only for loss.ref_kl_coef > 0
+    # The min-p proxy even when Lp-Reg is off: which sampled tokens lie in its support is what the
+    # sampled-token metrics report for every method (logging.sampled_token_metrics).
+    min_p_support: bool = False
+
+    def wants_proxy(self, loss_cfg: LpRegConfig) -> bool:
+        return loss_cfg.enabled or self.min_p_support
 
 
 @dataclass
@@ -74,14 +80,15 @@ class Scores:
         # float32 at least (bf16 statistics are computed in float32), float64 for a float64 model.
         dtype = torch.promote_types(torch.float32, next(pc.model.parameters()).dtype)
         zeros = lambda: torch.zeros(tokens, dtype=dtype, device=pc.device)  # noqa: E731
-        proxy = zeros() if loss_cfg.enabled else torch.full((tokens,), float("-inf"), dtype=dtype, device=pc.device)
-        return cls(zeros(), zeros(), proxy, zeros() if loss_cfg.enabled else None, zeros() if reference else None)
+        wanted = pc.wants_proxy(loss_cfg)
+        proxy = zeros() if wanted else torch.full((tokens,), float("-inf"), dtype=dtype, device=pc.device)
+        return cls(zeros(), zeros(), proxy, zeros() if wanted else None, zeros() if reference else None)
 
-    def write(self, mb: MicroBatch, stats, proxy: bool) -> None:
+    def write(self, mb: MicroBatch, stats) -> None:
         """A micro-batch's per-response-token stats (compact [R_mb]) into their flat places."""
         mb.scatter(self.old_logprobs, stats.logprobs.detach())
         mb.scatter(self.entropy, stats.entropy.detach())
-        if proxy:
+        if self.kept_mass is not None:
             mb.scatter(self.proxy_logprobs, stats.proxy_logprobs)
             mb.scatter(self.kept_mass, stats.kept_mass)
 
@@ -132,8 +139,8 @@ def recompute_logprobs(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegCo
         targets = mb.response_targets()
         stats = vocab_parallel_token_stats(
             _response_logits(pc, mb), targets, group=pc.tp_group, vocab_size=pc.vocab_size, entropy=True,
-            proxy=loss_cfg.enabled, kappa=loss_cfg.kappa, threshold=loss_cfg.threshold, inplace=True)
-        scores.write(mb, stats, proxy=loss_cfg.enabled)
+            proxy=pc.wants_proxy(loss_cfg), kappa=loss_cfg.kappa, threshold=loss_cfg.threshold, inplace=True)
+        scores.write(mb, stats)
         if pc.ref_model is not None:
             ref = vocab_parallel_token_stats(
                 _response_logits(pc, mb, pc.ref_model), targets, group=pc.tp_group, vocab_size=pc.vocab_size,
@@ -195,7 +202,8 @@ def train(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimiz
     metrics, steps, clock = MetricSums(), [], Stopwatch(pc.device)
     scores = Scores.empty(batch.response_tokens, pc, loss_cfg) if scores_from_forward else None
     need_entropy = loss_cfg.entropy_coef > 0 or loss_cfg.high_entropy_fraction < 1.0 or scores_from_forward
-    want_proxy = loss_cfg.enabled and (loss_cfg.proxy_source == "current" or scores_from_forward)
+    want_proxy = (loss_cfg.enabled and loss_cfg.proxy_source == "current") or \
+        (scores_from_forward and pc.wants_proxy(loss_cfg))
     dp_group = group_or_none(pc.dp_group)
     for _ in range(epochs):
         for mini in _minibatches(len(batch), num_minibatches):
@@ -215,7 +223,7 @@ def train(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimiz
                     entropy=need_entropy, proxy=want_proxy, kappa=loss_cfg.kappa,
                     threshold=loss_cfg.threshold, inplace=exact_kl is None)
                 if scores is not None:
-                    scores.write(mb, stats, proxy=loss_cfg.enabled)
+                    scores.write(mb, stats)
                     old = mb.expand(stats.logprobs.detach())
                 else:
                     old = mb.field("old_logprobs")

@@ -11,17 +11,23 @@ from megatron_lpreg.rollout.build import rollout_engine_kind
 from megatron_lpreg.weights.stream import RefitStats, stream_hf_weights
 
 
+def shares_engine_memory(cfg, device: torch.device) -> bool:
+    """Whether the TP group may map one copy of the engine's weights (the transformers engine on
+    CPU): then the refit writes through shared memory, and every TP rank can run an engine on it."""
+    return cfg.rollout.refit_shared_memory and device.type == "cpu" and rollout_engine_kind(cfg.rollout.engine) == "hf"
+
+
 class EngineRefit:
     """How the trainer's weights reach its rollout engine, one choice per run: through shared
     memory (the hf engine on CPU, ``weights/shared_refit.py``) or as a bucketed stream
     (``weights/stream.py``). Constructing it and calling it are collective over the TP group."""
 
     def __init__(self, cfg, engine, tp_group, device: torch.device):
-        self.engine = engine  # on the TP group's rank 0 only
+        self.engine = engine  # on the TP group's rank 0; on every rank where they share memory
         self.tp_group = tp_group  # None at TP=1
         self.bucket_bytes = cfg.rollout.refit_bucket_mb << 20
         self.shared = None
-        if cfg.rollout.refit_shared_memory and device.type == "cpu" and rollout_engine_kind(cfg.rollout.engine) == "hf":
+        if shares_engine_memory(cfg, device):
             from megatron_lpreg.weights.shared_refit import SharedWeights
 
             # None on every rank (the stream) where one rank cannot map the engine's memory.

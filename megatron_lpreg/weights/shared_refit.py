@@ -76,9 +76,11 @@ class SharedWeights:
     @classmethod
     def attach(cls, engine_model: torch.nn.Module | None, *, group=None, dst_rank: int = 0,
                shm_dir: str = SHM_DIR) -> "SharedWeights | None":
-        """Collective over ``group``: move the engine's parameters (``engine_model``, given on TP
-        rank ``dst_rank`` only) into shared memory that every rank of the group maps. None on every
-        rank when some rank cannot map it."""
+        """Collective over ``group``: move the engine's parameters (``engine_model`` of TP rank
+        ``dst_rank``) into shared memory that every rank of the group maps. A rank that passes its own
+        engine model too (same architecture) has it compute with the shared weights from then on: its
+        private copy is dropped, so the group holds one copy of the model however many engines run
+        on it. None on every rank when some rank cannot map it."""
         group = group_or_none(group)
         rank, size = group_rank(group), group_size(group)
         arena = path = None
@@ -112,11 +114,13 @@ class SharedWeights:
             return None
         layout = msg[0][2]
         views = _views(arena, layout)
-        if rank == dst_rank:
+        if engine_model is not None:
             with torch.no_grad():
                 for name, p in engine_model.named_parameters():
-                    views[name].copy_(p.data)
+                    if rank == dst_rank:
+                        views[name].copy_(p.data)
                     p.data = views[name]  # frees the private copy; a tied head follows its embedding
+        barrier(group)  # no engine reads the views before the engine rank has filled them
         return cls(arena, views, group, dst_rank, msg[0][0])
 
     def check_engine(self, engine_model: torch.nn.Module) -> None:

@@ -176,3 +176,45 @@ def test_loss_method_is_the_saved_preset():
     assert method("loss.enabled=false") == "grpo (clip 1.0/9.0)"  # compare's plain GRPO
     assert loss_method({}) is None
     assert loss_method({"loss": {"enabled": True}}) is None  # a config.yaml from before the preset was saved
+
+
+def _write_seeded_run(run_dir: Path, val: list[float], entropy: list[float], shift: float) -> Path:
+    """A run with the sampled-token summaries: histogram mass moving to the top bin over the steps."""
+    from megatron_lpreg.grpo.sampled_tokens import LOW_DECADES, P_BINS, hist_key, low_key
+
+    _write_run(run_dir, val, entropy, lpreg=False)
+    lines = []
+    for step in range(1, STEPS + 1):
+        top = min(0.5 + shift * step, 1.0)
+        rec = {"step": step, **{hist_key(i): (1 - top) / (P_BINS - 1) for i in range(P_BINS - 1)},
+               hist_key(P_BINS - 1): top, "sampled_p/low_share": 0.1, "sampled_p/low_in_support": 0.6}
+        rec.update({low_key(inside, d): 0.1 / (2 * LOW_DECADES) for inside in (True, False)
+                    for d in range(LOW_DECADES)})
+        lines.append(rec)
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in lines))
+    return run_dir
+
+
+def test_seeds_of_a_method_are_drawn_and_tabled_as_mean_and_spread(tmp_path):
+    runs = [
+        _write_seeded_run(tmp_path / "grpo_1", [0.2, 0.3, 0.4, 0.3], [0.9, 0.5, 0.3, 0.2, 0.1, 0.05], 0.08),
+        _write_seeded_run(tmp_path / "grpo_2", [0.2, 0.5, 0.6, 0.5], [0.9, 0.6, 0.4, 0.3, 0.2, 0.15], 0.07),
+        _write_seeded_run(tmp_path / "lpreg_1", [0.2, 0.4, 0.5, 0.6], [0.9, 0.9, 0.8, 0.85, 0.8, 0.8], 0.01),
+    ]
+    written = plot_runs(runs, tmp_path / "plots", labels=["GRPO", "GRPO", "Lp-Reg"])
+    names = {p.name for p in written}
+    assert {"token_probability.png", "sparks.png", "low_p_share.png", "low_p_in_support.png"} <= names
+    for path in written:
+        if path.suffix == ".png":
+            _assert_png(path)
+    per_method = (tmp_path / "plots" / "comparison.md").read_text().split("## Per method")[1].split("\n## ")[0]
+    # GRPO: best 0.4 and 0.6, last 0.3 and 0.5, entropy first 0.9/0.9, min 0.05/0.15, last 0.05/0.15.
+    assert _table_row(per_method, "GRPO") == ["GRPO", "2", "0.500 ± 0.141", "0.400 ± 0.141", "0.900 ± 0.000",
+                                              "0.100 ± 0.071", "0.100 ± 0.071"]
+    with pytest.raises(AssertionError):  # a label with one run gets no per-method row
+        _table_row(per_method, "Lp-Reg")
+    loaded = [load_run(r, "GRPO") for r in runs[:2]]
+    steps, mean, low, high = plot.mean_and_spread(loaded, "val/mean")
+    assert steps == [0, 2, 4, 6] and mean == pytest.approx([0.2, 0.4, 0.5, 0.4])
+    assert low == pytest.approx([0.2, 0.3, 0.4, 0.3]) and high == pytest.approx([0.2, 0.5, 0.6, 0.5])

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_lpreg.grpo.sampled_tokens import LOW_DECADES, P_BINS, hist_key, low_key
 from megatron_lpreg.policy.training_checkpoint import complete_checkpoints
 from megatron_lpreg.metrics_file import read_metrics, run_metrics
 from tests.distributed import run_distributed
@@ -59,6 +60,11 @@ def test_three_steps(tmp_path, assets, tp, overrides):
         assert row["mismatch/logprob_abs_diff"] < 1e-4
         assert row["refit/mb"] > 0
         assert 0 < row["lpreg/kept_mass_mean"] <= 1 and row["memory/rise_refit_mb"] >= 0
+        # The sampled-token histogram covers every sampled token once, the low ones split in/out of support.
+        assert sum(row[hist_key(i)] for i in range(P_BINS)) == pytest.approx(1.0)
+        low = sum(row[low_key(flag, d)] for flag in (True, False) for d in range(LOW_DECADES))
+        assert low == pytest.approx(row["sampled_p/low_share"])
+        assert low == 0 or 0 <= row["sampled_p/low_in_support"] <= 1
     assert sum(r["lpreg/selected"] for r in rows[1:]) > 0
     assert all(r["lpreg/selected"] <= r["lpreg/lowest"] <= r["lpreg/candidates"] for r in rows[1:])
     assert "val/mean" in rows[2] and "val/best" in rows[2]
@@ -130,3 +136,38 @@ def test_resume_continues_identically(tmp_path, assets):
 
     for a, b in zip(whole, split):
         assert run_metrics(a) == run_metrics(b)
+
+
+def _sliced_rollout(ctx, run_dir, policy, data):
+    from megatron_lpreg.grpo.trainer import GRPOTrainer
+    from tests.grpo.tiny_run import first_phases
+
+    with GRPOTrainer(tiny_config(run_dir, policy, data, ctx.tp_size, "grpo.steps=1")) as trainer:
+        views = trainer.refitter.shared.views
+        # One copy of the weights for the group: this rank's engine computes with the shared views.
+        one_copy = all(p.data_ptr() == views[n].data_ptr() for n, p in trainer.engine.model.named_parameters())
+        calls = []
+        generate = trainer.engine.generate
+        trainer.engine.generate = lambda prompts, sampling: calls.append(len(prompts)) or generate(prompts, sampling)
+        rollout, batch, scores = first_phases(trainer)
+        trainer.state.sampler.load_state_dict({"epoch": 0, "position": 0})
+        again, _ = trainer.generate(1)
+        gap = max((a - b).abs().max() for a, b in zip(batch.responses(batch.engine_logprobs),
+                                                       batch.responses(scores.old_logprobs)))
+        return {"sliced": trainer.sliced, "one_copy": one_copy, "calls": calls,
+                "tokens": [c.token_ids for c in rollout.completions],
+                "again": [c.token_ids for c in again.completions], "gap": float(gap)}
+
+
+def test_tp2_every_rank_generates_its_slice(tmp_path, assets):
+    """The transformers engine at TP=2: each rank samples half of the replica's prompts on the shared
+    weights, both ranks end with the same whole rollout, the samples repeat, the log-probs match."""
+    policy, data = assets
+    results = run_distributed(_sliced_rollout, world_size=2, tp_size=2, args=(str(tmp_path), policy, data),
+                              timeout_s=300)
+    for r in results:
+        assert r["sliced"] and r["one_copy"]
+        assert r["calls"] == [2, 2]  # 4 prompts per step: 2 each, twice
+        assert r["tokens"] == r["again"] and len(r["tokens"]) == 16
+        assert r["gap"] < 1e-5
+    assert results[0]["tokens"] == results[1]["tokens"]

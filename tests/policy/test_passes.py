@@ -56,9 +56,11 @@ def _on_policy_both_ways(ctx, directory):
     out = {}
     for name, cfg in (("lp_reg", LpRegConfig(rho=0.5, min_selected=1)),
                       ("lp_reg_forward_kl", LpRegConfig(rho=0.5, min_selected=1, kl="forward")),
-                      ("grpo", LpRegConfig(enabled=False, eps_low=0.2, eps_high=0.28))):
+                      ("grpo", LpRegConfig(enabled=False, eps_low=0.2, eps_high=0.28)),
+                      ("grpo_support", LpRegConfig(enabled=False, eps_low=0.2, eps_high=0.28))):
         for fused in (False, True):
             spec, pc = load_policy(ctx, directory, dtype="float64")
+            pc.min_p_support = name == "grpo_support"
             batch = random_rollouts(spec.vocab_size, n=8, seed=5)
             opt = CaptureGrads(pc.model)
             if fused:
@@ -91,6 +93,13 @@ def test_on_policy_scores_from_the_training_forward_equal_the_separate_pass(tmp_
                 assert m_sep["lpreg/selected"] > 0
             for n in g_sep:
                 torch.testing.assert_close(g_sep[n], g_fused[n], rtol=0, atol=1e-12)
+        # GRPO with the sampled-token metrics on: Lp-Reg's proxy (same kappa), GRPO's gradients.
+        for fused in (False, True):
+            support, lp_reg, grpo = out["grpo_support", fused][0], out["lp_reg", fused][0], out["grpo", fused]
+            for field in ("proxy_logprobs", "kept_mass"):
+                assert torch.equal(getattr(support, field), getattr(lp_reg, field)), (fused, field)
+            for n, g in out["grpo_support", fused][1].items():
+                assert torch.equal(g, grpo[1][n]), (fused, n)
 
 
 def _response_only_logits(ctx, directory):
