@@ -68,8 +68,7 @@ def test_bad_settings_exit_2_naming_the_place(tmp_path):
 
 
 def test_train_starts_its_own_ranks_without_torchrun(tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text("parallel: {tp: 2, backend: gloo}\n")
+    config = _tiny_run_config(tmp_path, 1, "parallel: {{tp: 2, backend: gloo}}")
     env_free = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-m", "megatron_lpreg.cli", "train", "--config", str(config),
                            "--dry-run"], cwd=ROOT, env=env_free, capture_output=True, text=True, timeout=180)
@@ -77,6 +76,18 @@ def test_train_starts_its_own_ranks_without_torchrun(tmp_path):
     for rank in range(2):
         assert f"dry run: rank {rank}/2 tp_rank {rank}/2 dp_rank 0/1 backend gloo" in proc.stdout
     assert proc.stdout.count("# resolved configuration") == 1  # printed by rank 0 only
+
+
+def test_dry_run_makes_the_checks_train_makes(tmp_path):
+    """Before any rank starts, as train does: a TP that does not split the model, a model that is not there."""
+    config = _tiny_run_config(tmp_path, 1)
+    for override, expected in (("parallel.tp=3", "parallel.tp: tp=3 does not divide num_attention_heads=4"),
+                               (f"model.path={tmp_path / 'nowhere'}", "is not a directory")):
+        proc = _cli("train", "--config", str(config), override, "--dry-run", timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+        assert lines[0].startswith("megatron-lpreg: error: ") and expected in lines[0], lines[0]
+        assert "dry run:" not in proc.stdout
 
 
 def test_compare_trains_grpo_then_lp_reg_and_plots_both(tmp_path):

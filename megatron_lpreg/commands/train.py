@@ -24,7 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps of this invocation (resume continues later)")
     p.add_argument("--dry-run", action="store_true",
-                   help="start the ranks and process groups, print the layout, and exit")
+                   help="check everything train checks before it starts (model, TP/DP layout, weights, "
+                        "prompt files, checkpoints), then start the ranks and process groups, print the "
+                        "layout, and exit; under torchrun only the process groups are checked")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. grpo.steps=10 loss.preset=grpo run_dir=runs/x")
 
@@ -65,8 +67,7 @@ def run(args) -> int:
         if _uses_demo_assets(args.config, cfg):
             _prepare_demo(cfg)
         nproc = local_processes(cfg)
-        if not args.dry_run:
-            check_run(cfg, nproc)
+        check_run(cfg, nproc)
         if nproc > 1:
             argv = ["train", "--config", config, *args.overrides]
             if args.max_steps is not None:
