@@ -22,8 +22,15 @@ import os
 import sys
 import warnings
 
-from megatron_lpreg.commands import USER_ERRORS
-from megatron_lpreg.grpo.skips import TrainingDiverged
+from megatron_lpreg import lifetime
+
+if __name__ == "__mp_main__":
+    # A multiprocessing child of a megatron-lpreg command (a reward worker, megatron-core's checkpoint
+    # writer manager, ...) runs this module first: it must not outlive the command (lifetime.py).
+    lifetime.exit_with_parent()
+
+from megatron_lpreg.commands import USER_ERRORS  # noqa: E402
+from megatron_lpreg.grpo.skips import TrainingDiverged  # noqa: E402
 
 # (subcommand, module in megatron_lpreg.commands, help, description; None: the module's docstring)
 COMMANDS = (
@@ -77,6 +84,10 @@ QUIET_WARNINGS = (
 
 
 def main(argv=None) -> int:
+    # Started by another megatron-lpreg process (a rank of the launcher, ...): end with it.
+    if lifetime.started_by_megatron_lpreg():
+        lifetime.exit_with_parent()
+    lifetime.mark_as_parent()
     if not os.environ.get("MEGATRON_LPREG_ALL_WARNINGS"):
         for pattern in QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
