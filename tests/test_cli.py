@@ -90,6 +90,16 @@ def test_dry_run_makes_the_checks_train_makes(tmp_path):
         assert "dry run:" not in proc.stdout
 
 
+def test_train_warns_once_when_lp_reg_stays_inactive(tmp_path):
+    # 2 prompts x 2 responses of <= 8 tokens: rho 0.01 x ~16 negative-advantage tokens gives k = 0.
+    config = _tiny_run_config(tmp_path, 6, "validation: {{every: 0}}", "checkpoint: {{every: 0, save_at_end: false}}")
+    proc = _cli("train", "--config", str(config), f"run_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("Lp-Reg regularised no token in the last 5 steps: k = int(rho x negative-advantage "
+                             "tokens) < loss.min_selected=2 in every micro-batch (rho=0.01;") == 1, proc.stderr[-3000:]
+    assert all(r["lpreg/selected"] == 0 for r in read_metrics(tmp_path / "run" / "metrics.jsonl"))
+
+
 def test_compare_trains_grpo_then_lp_reg_and_plots_both(tmp_path):
     config = _tiny_run_config(tmp_path, 1, "validation: {{files: [{val_arith}], every: 1, max_tokens: 6}}",
                               "checkpoint: {{every: 0, save_at_end: false}}")
