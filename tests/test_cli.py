@@ -113,3 +113,21 @@ def test_compare_trains_grpo_then_lp_reg_and_plots_both(tmp_path):
     table = (out / "plots" / "comparison.md").read_text()
     assert "**GRPO**" in table and "**Lp-Reg**" in table and table in proc.stdout
     assert (out / "plots" / "val_accuracy.png").exists() and (out / "plots" / "entropy.png").exists()
+
+
+def test_megatron_import_notices_are_silenced_in_every_process_that_imports_us():
+    """megatron-core's ~8 "Apex / Transformer Engine are not installed" notices: none in a process that
+    imports megatron_lpreg first (commands, ranks, the checkpoint tools); all with the opt-out."""
+    code = ("import megatron_lpreg, megatron.core.optimizer, megatron.core.models.gpt.gpt_layer_specs, "
+            "megatron.core.models.backends")
+    env = {k: v for k, v in os.environ.items() if k != "MEGATRON_LPREG_ALL_WARNINGS"}
+    quiet = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+    loud = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "MEGATRON_LPREG_ALL_WARNINGS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-2000:] + loud.stderr[-2000:]
+    assert "not installed" not in quiet.stderr, quiet.stderr
+    import importlib.util
+
+    if not any(importlib.util.find_spec(m) for m in ("transformer_engine", "apex")):  # the notices exist here
+        assert loud.stderr.count("not installed") >= 3, loud.stderr
