@@ -132,7 +132,7 @@ def default_model(cache: Path, smoke: bool, log) -> tuple[Path, str]:
     if smoke:
         name, build, what = "smoke", lambda d: build_random_model(d, SMOKE_SHAPE, 512), \
             "random tiny Llama (2 layers, hidden 64)"
-    elif importlib.util.find_spec(GGUF_PACKAGE) is not None and importlib.util.find_spec("gguf") is not None:
+    elif all(importlib.util.find_spec(m) is not None for m in (GGUF_PACKAGE, "gguf", "accelerate")):
         name, build, what = "smollm2", convert_smollm2, \
             f"SmolLM2-135M-Instruct ({GGUF_PACKAGE}: {GGUF_FILE} dequantised to float32)"
     else:
