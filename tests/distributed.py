@@ -34,6 +34,9 @@ def _worker(rank, world_size, port, tp_size, collective_timeout_s, body, args, o
         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
     )
     try:
+        from megatron_lpreg.lifetime import exit_with_parent
+
+        exit_with_parent()  # a killed test run leaves no ranks behind
         import torch
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -84,8 +87,10 @@ def run_distributed(
 
 
 def _run_once(body, world_size, tp_size, args, timeout_s, collective_timeout_s):
+    from megatron_lpreg.lifetime import mark_as_parent
     from megatron_lpreg.parallel import free_port
 
+    mark_as_parent()
     tp_size = world_size if tp_size is None else tp_size
     ctx = mp.get_context("spawn")
     out = ctx.Queue()

@@ -68,8 +68,7 @@ def test_bad_settings_exit_2_naming_the_place(tmp_path):
 
 
 def test_train_starts_its_own_ranks_without_torchrun(tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text("parallel: {tp: 2, backend: gloo}\n")
+    config = _tiny_run_config(tmp_path, 1, "parallel: {{tp: 2, backend: gloo}}")
     env_free = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-m", "megatron_lpreg.cli", "train", "--config", str(config),
                            "--dry-run"], cwd=ROOT, env=env_free, capture_output=True, text=True, timeout=180)
@@ -77,6 +76,28 @@ def test_train_starts_its_own_ranks_without_torchrun(tmp_path):
     for rank in range(2):
         assert f"dry run: rank {rank}/2 tp_rank {rank}/2 dp_rank 0/1 backend gloo" in proc.stdout
     assert proc.stdout.count("# resolved configuration") == 1  # printed by rank 0 only
+
+
+def test_dry_run_makes_the_checks_train_makes(tmp_path):
+    """Before any rank starts, as train does: a TP that does not split the model, a model that is not there."""
+    config = _tiny_run_config(tmp_path, 1)
+    for override, expected in (("parallel.tp=3", "parallel.tp: tp=3 does not divide num_attention_heads=4"),
+                               (f"model.path={tmp_path / 'nowhere'}", "is not a directory")):
+        proc = _cli("train", "--config", str(config), override, "--dry-run", timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+        assert lines[0].startswith("megatron-lpreg: error: ") and expected in lines[0], lines[0]
+        assert "dry run:" not in proc.stdout
+
+
+def test_train_warns_once_when_lp_reg_stays_inactive(tmp_path):
+    # 2 prompts x 2 responses of <= 8 tokens: rho 0.01 x ~16 negative-advantage tokens gives k = 0.
+    config = _tiny_run_config(tmp_path, 6, "validation: {{every: 0}}", "checkpoint: {{every: 0, save_at_end: false}}")
+    proc = _cli("train", "--config", str(config), f"run_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("Lp-Reg regularised no token in the last 5 steps: k = int(rho x negative-advantage "
+                             "tokens) < loss.min_selected=2 in every micro-batch (rho=0.01;") == 1, proc.stderr[-3000:]
+    assert all(r["lpreg/selected"] == 0 for r in read_metrics(tmp_path / "run" / "metrics.jsonl"))
 
 
 def _table_row(text: str, label: str) -> list[str]:
@@ -111,3 +132,21 @@ def test_compare_trains_each_method_and_seed_and_plots_them(tmp_path):
         assert (out / "plots" / name).exists(), name
     proc = _cli("compare", "--methods", "grpo,ppo")
     assert proc.returncode == 2 and "unknown ['ppo']" in proc.stdout
+
+
+def test_megatron_import_notices_are_silenced_in_every_process_that_imports_us():
+    """megatron-core's ~8 "Apex / Transformer Engine are not installed" notices: none in a process that
+    imports megatron_lpreg first (commands, ranks, the checkpoint tools); all with the opt-out."""
+    code = ("import megatron_lpreg, megatron.core.optimizer, megatron.core.models.gpt.gpt_layer_specs, "
+            "megatron.core.models.backends")
+    env = {k: v for k, v in os.environ.items() if k != "MEGATRON_LPREG_ALL_WARNINGS"}
+    quiet = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+    loud = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "MEGATRON_LPREG_ALL_WARNINGS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-2000:] + loud.stderr[-2000:]
+    assert "not installed" not in quiet.stderr, quiet.stderr
+    import importlib.util
+
+    if not any(importlib.util.find_spec(m) for m in ("transformer_engine", "apex")):  # the notices exist here
+        assert loud.stderr.count("not installed") >= 3, loud.stderr

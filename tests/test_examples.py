@@ -4,6 +4,7 @@ examples/launch): they load, `plan` reads them, and the launcher really starts r
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import socket
@@ -87,6 +88,65 @@ def test_plan_verdicts_quoted_in_the_readmes(capsys):
     capsys.readouterr()
     assert _plan("qwen2.5_32b/onpolicy.yaml", "--no-distributed-optimizer") == 3
     assert "optimizer step needs" in capsys.readouterr().out
+
+
+def _plan_json(name: str, *extra: str, capsys) -> dict:
+    _plan(name, "--json", *extra)
+    return json.loads(capsys.readouterr().out)
+
+
+def _prose(path: Path) -> str:
+    """A README's or a YAML's text with line breaks and comment marks folded into single spaces."""
+    return re.sub(r"\s*\n\s*#?\s*|\s+", " ", path.read_text())
+
+
+@pytest.mark.parametrize("example", ["qwen3_14b", "qwen2.5_32b"])
+def test_the_readme_shows_what_plan_prints(example, capsys):
+    block = re.search(r"```text\n(.*?)```", (EXAMPLES / example / "README.md").read_text(), re.S).group(1)
+    assert _plan(f"{example}/onpolicy.yaml") == 0
+    assert capsys.readouterr().out == block
+
+
+# (config, extra plan flags, files quoting its peaks: training micro-batch / optimizer step / rollout)
+PEAK_CLAIMS = [
+    ("qwen3_14b/onpolicy.yaml", (), ["qwen3_14b/onpolicy.yaml", "qwen3_14b/offpolicy.yaml"]),
+    ("qwen3_14b/onpolicy.yaml", ("--tp", "4"), ["qwen3_14b/README.md"]),
+    ("qwen2.5_32b/onpolicy.yaml", (), ["qwen2.5_32b/onpolicy.yaml", "qwen2.5_32b/offpolicy.yaml"]),
+    ("qwen2.5_32b/onpolicy.yaml", ("--no-distributed-optimizer",), ["qwen2.5_32b/README.md"]),
+]
+
+
+@pytest.mark.parametrize("name, extra, files", PEAK_CLAIMS)
+def test_the_peaks_the_examples_quote_are_plans(name, extra, files, capsys):
+    p = _plan_json(name, *extra, capsys=capsys)
+    quoted = (f"peaks {p['training_peak_gib']:.0f} / {p['step_peak_gib']:.0f} / "
+              f"{p['rollout_peak_gib']:.0f} GiB")
+    for f in files:
+        assert quoted in _prose(EXAMPLES / f), (f, quoted)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_what_the_trainer_keeps_through_the_rollout_is_the_plans(name, capsys):
+    p = _plan_json(name, capsys=capsys)
+    kept = p["rollout_peak_gib"] - p["engine_reserved_gib"] - p["overhead_gib"]
+    assert f"the trainer keeps ~{kept:.0f} GiB through the rollout" in _prose(EXAMPLES / name)
+
+
+def test_rollout_engine_auto_is_vllm_on_cuda_with_vllm_installed(monkeypatch):
+    """What the examples' `rollout.engine: auto` comment says (and no example says vllm is refused)."""
+    import torch
+
+    from megatron_lpreg.rollout import vllm_engine
+    from megatron_lpreg.rollout.build import rollout_engine_kind
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    assert rollout_engine_kind("auto") == "vllm" and rollout_engine_kind("vllm") == "vllm"
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: False)
+    assert rollout_engine_kind("auto") == "hf"
+    for f in EXAMPLES.rglob("*"):
+        if f.suffix in (".yaml", ".md"):
+            assert "refuses vllm" not in _prose(f), f
 
 
 # ------------------------------------------------------------------------------------- launchers

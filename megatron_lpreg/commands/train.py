@@ -24,7 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps of this invocation (resume continues later)")
     p.add_argument("--dry-run", action="store_true",
-                   help="start the ranks and process groups, print the layout, and exit")
+                   help="check everything train checks before it starts (model, TP/DP layout, weights, "
+                        "prompt files, checkpoints), then start the ranks and process groups, print the "
+                        "layout, and exit; under torchrun only the process groups are checked")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. grpo.steps=10 loss.preset=grpo run_dir=runs/x")
 
@@ -33,18 +35,28 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _uses_demo_assets(config: str | None, cfg) -> bool:
-    """The demo config with its own model path (not one the user pointed elsewhere)."""
+def _demo_assets(config: str | None, cfg) -> str | None:
+    """What of the demo's generated files the run uses: "all" (the demo config with its own model),
+    "data" (its prompts, another model: ``model.path=...``) or None (not the demo config)."""
     if config is not None and Path(config).resolve() != DEMO_CONFIG:
-        return False
-    return cfg.model.path == load_config(DEMO_CONFIG).model.path
+        return None
+    demo = load_config(DEMO_CONFIG)
+    if cfg.model.path == demo.model.path:
+        return "all"
+    return "data" if list(cfg.data.train_files) == list(demo.data.train_files) else None
 
 
-def _prepare_demo(cfg) -> None:
-    """The demo's model and prompts are built on first use (about a minute), then reused."""
+def _prepare_demo(cfg, data_only: bool) -> None:
+    """The demo's model and prompts are built on first use (about a minute), then reused; its prompts
+    alone take a second."""
     sys.path.insert(0, str(REPO))
-    from examples.tiny_cpu.prepare import is_complete, prepare
+    from examples.tiny_cpu.prepare import is_complete, prepare, prepare_data
 
+    if data_only:
+        files = [Path(f) for f in [*cfg.data.train_files, *cfg.validation.files]]
+        if not all(f.is_file() for f in files):
+            prepare_data(files[0].parent, log=lambda line: print(f"megatron-lpreg: {line}", flush=True))
+        return
     out = Path(cfg.model.path).parent
     if not is_complete(out):
         print(f"megatron-lpreg: preparing the demo model and data in {out} (once)", flush=True)
@@ -62,11 +74,11 @@ def run(args) -> int:
         config = str(DEMO_CONFIG)
     cfg = load_config(config, args.overrides)
     if not under_launcher():
-        if _uses_demo_assets(args.config, cfg):
-            _prepare_demo(cfg)
+        demo = _demo_assets(args.config, cfg)
+        if demo is not None:
+            _prepare_demo(cfg, data_only=demo == "data")
         nproc = local_processes(cfg)
-        if not args.dry_run:
-            check_run(cfg, nproc)
+        check_run(cfg, nproc)
         if nproc > 1:
             argv = ["train", "--config", config, *args.overrides]
             if args.max_steps is not None:

@@ -80,11 +80,15 @@ def _argv(args) -> list[str]:
 
 def run(args) -> int:
     from megatron_lpreg.commands.launch import relaunch, under_launcher
+    from megatron_lpreg.commands.preflight import check_model
     from megatron_lpreg.parallel import destroy_distributed
 
     cfg = _config(args)
-    if not under_launcher() and cfg.parallel.tp > 1:
-        return relaunch(cfg.parallel.tp, _argv(args))
+    if not under_launcher():
+        # Here, once: a TP that does not split the model would otherwise fail in every rank.
+        check_model(cfg, cfg.parallel.tp)
+        if cfg.parallel.tp > 1:
+            return relaunch(cfg.parallel.tp, _argv(args))
     try:
         metrics = check(cfg, max_tokens=args.max_tokens, seed=args.seed)
     finally:

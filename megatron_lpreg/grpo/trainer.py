@@ -25,6 +25,7 @@ from megatron_lpreg.config import Config, ConfigError, config_to_dict, save_conf
 from megatron_lpreg.data import DataFields, PromptSampler, encode_prompts, load_prompt_dataset
 from megatron_lpreg.grpo.advantages import group_advantages
 from megatron_lpreg.grpo.dynamic_sampling import sample_groups
+from megatron_lpreg.grpo.lpreg_activity import LpRegActivity
 from megatron_lpreg.grpo.mismatch import trainable_sequences
 from megatron_lpreg.grpo.reward_shaping import shape_rewards, truncated_mask
 from megatron_lpreg.grpo.rollout import generate_and_grade, merge_rollouts, prompt_slice, to_batch
@@ -118,6 +119,7 @@ class GRPOTrainer:
             self.pool = FunctionReward(r.function) if r.function else \
                 RewardPool(r.num_workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb)
         self.memory = PhasePeaks(ctx.device)
+        self.lpreg_activity = LpRegActivity(cfg.loss)
         self.minibatches = g.prompts_per_step // g.mini_batch_prompts
         peak = cfg.logging.peak_tflops
         self.peak_flops = peak * 1e12 if peak else measure_peak_flops(ctx.device, getattr(torch, m.dtype))
@@ -339,6 +341,9 @@ class GRPOTrainer:
             self.metrics_logger.log(0, self.validate())
         while self.step < end:
             last = self.train_step()
+            inactive = self.lpreg_activity.update(last)
+            if inactive and self.ctx.rank == 0:
+                logger.warning(inactive)
             if self.val_data is not None and c.validation.every and self.step % c.validation.every == 0:
                 last.update(self.validate())
             self.metrics_logger.log(self.step, last)

@@ -13,6 +13,8 @@ pipe and at most one task in flight.  The parent runs a supervisor loop that
 Workers cap their address space (``RLIMIT_AS``) at their start-up size + ``memory_mb`` before
 importing sympy, so a runaway expression gets a ``MemoryError`` (status ``error``; the worker then
 retires itself) instead of eating the node.
+Workers exit by themselves when the process holding the pool dies, even by SIGKILL
+(``megatron_lpreg.lifetime``).
 Inside the worker, :func:`~megatron_lpreg.rewards.grader.grade_answer` additionally runs with a
 soft SIGALRM deadline slightly below ``timeout_s``, so most slow answers come back as ``timeout``
 without the cost of restarting a worker.
@@ -30,6 +32,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
+
+from megatron_lpreg.lifetime import mark_as_parent
 
 from .extract import DEFAULT_MAX_ANSWER_CHARS, find_last_boxed
 from .grader import DEFAULT_TIMEOUT_S, STATUS_OK, STATUS_TIMEOUT, fast_grade, grade_answer
@@ -107,6 +111,9 @@ def _warm_up() -> None:
 
 
 def _worker_main(conn, memory_mb: int | None, soft_timeout_s: float, grade_fn: Callable | None) -> None:
+    from megatron_lpreg.lifetime import exit_with_parent
+
+    exit_with_parent()  # before the memory limit: the watcher thread needs its stack
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's business; it closes us.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _set_memory_limit(memory_mb)
@@ -228,6 +235,7 @@ class RewardPool:
 
     # ------------------------------------------------------------------ lifecycle
     def _spawn(self) -> _Worker:
+        mark_as_parent()  # the worker watches this process, whoever started it
         return _Worker(self._ctx, self.memory_mb, self._soft_timeout_s, self._grade_fn)
 
     def _replace(self, i: int) -> None:

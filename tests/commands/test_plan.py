@@ -211,3 +211,19 @@ def test_prompts_not_divisible_by_dp_is_reported(capsys):
 def test_recompute_is_what_the_model_builder_builds():
     with pytest.raises(ValueError, match=r"recompute='selective': expected one of \['none', 'full'\]"):
         memory_plan.estimate(spec("qwen3-14b"), tp=8, dp=8, **{**PAPER, "recompute": "selective"})
+
+
+def test_the_gpu_count_assumed_is_said_in_the_output_and_the_help(capsys):
+    _, out = run_plan(capsys, "--model", "qwen3-14b", "--tp", "8")
+    assert "world: 1 nodes x 8 GPUs = 8 GPUs of 80 GiB; tp 8 x dp 1 (assumed, not given: --nodes 1, " \
+           "--gpus-per-node 8)" in out
+    _, out = run_plan(capsys, "--model", "qwen3-14b", "--tp", "8", "--nodes", "2")
+    assert "(assumed, not given: --gpus-per-node 8)" in out
+    _, out = run_plan(capsys, "--model", "qwen3-14b", "--tp", "8", "--nodes", "2", "--gpus-per-node", "4")
+    assert "assumed" not in out and "world: 2 nodes x 4 GPUs = 8 GPUs of 80 GiB; tp 8 x dp 1\n" in out
+    _, out = run_plan(capsys, "--model", "qwen3-14b", "--json")
+    assert json.loads(out)["assumed"] == ["--nodes 1", "--gpus-per-node 8"]
+    parser = argparse.ArgumentParser()
+    plan.add_arguments(parser)
+    help_text = " ".join(parser.format_help().split())
+    assert "nodes in the job (default 1" in help_text and "GPUs per node (default 8" in help_text

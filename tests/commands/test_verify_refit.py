@@ -75,3 +75,10 @@ def test_without_a_model_exits_2_in_one_line(tmp_path):
     proc = _cli("verify-refit", "--model", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("megatron-lpreg: error: model.path:")
+
+
+def test_a_tp_that_does_not_split_the_model_fails_once_before_the_ranks_start(policy):
+    proc = _cli("verify-refit", "--model", policy, "--tp", "3")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("megatron-lpreg: error: parallel.tp: tp=3 does not divide"), lines[0]

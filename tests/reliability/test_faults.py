@@ -43,7 +43,10 @@ def _run(config, run_dir, fault=None):
     log = Path(f"{run_dir}.log")
     with open(log, "w") as f:
         start = time.perf_counter()
-        code = fm.wait(fm.start(config, run_dir, fault, f))
+        proc = fm.start(config, run_dir, fault, f)
+        code = fm.wait(proc)
+    # Nothing the run started outlives it, killed or not (megatron's checkpoint-writer manager did).
+    assert fm.leftovers(proc) == [], log.read_text()[-3000:]
     return code, log.read_text(), time.perf_counter() - start
 
 
