@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from megatron_lpreg.loss.config import PRESETS, LpRegConfig
+from megatron_lpreg.policy.lr_schedule import LRSchedule
 from megatron_lpreg.model.build import RECOMPUTE
 from megatron_lpreg.typed_yaml import ConfigError, Source, coerce, parse_override, read_yaml
 
@@ -124,7 +125,13 @@ class MismatchConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6  # constant
+    lr: float = 1e-6  # the peak rate (constant unless a warm-up or decay is set)
+    # Schedule in GRPO steps, megatron-core's OptimizerParamScheduler (policy/lr_schedule.py).
+    lr_warmup_steps: int = 0  # linear from lr_warmup_init to lr over these steps; 0 = none
+    lr_warmup_init: float = 0.0  # the rate of step 1 under a warm-up
+    lr_decay_style: str = "constant"  # after warm-up: constant, linear or cosine down to min_lr
+    lr_decay_steps: int = 0  # the step at which a decay reaches min_lr; 0 = grpo.steps
+    min_lr: float = 0.0  # where a decay ends
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW
     eps: float = 1e-8  # AdamW
     weight_decay: float = 0.0  # AdamW, decoupled
@@ -194,6 +201,7 @@ _CHOICES = {
     "rollout.engine": ("auto", "hf", "vllm"),
     "parallel.backend": (None, "gloo", "nccl"),
     "logging.wandb_mode": (None, "online", "offline", "disabled"),
+    "optim.lr_decay_style": ("constant", "linear", "cosine"),
 }
 _POSITIVE = (
     "parallel.tp", "rollout.n", "rollout.max_tokens", "rollout.max_batch_size", "rollout.refit_bucket_mb",
@@ -201,7 +209,8 @@ _POSITIVE = (
     "grpo.micro_batch_tokens", "grpo.pad_to_multiple", "data.max_prompt_len", "grpo.max_sampling_rounds",
 )
 _NON_NEGATIVE = ("grpo.steps", "grpo.max_consecutive_skips", "validation.every", "checkpoint.every", "optim.lr",
-                 "optim.weight_decay", "reward.timeout_s", "reward.overlong_buffer", "reward.overlong_penalty")
+                 "optim.weight_decay", "optim.lr_warmup_steps", "optim.lr_decay_steps", "optim.min_lr",
+                 "optim.lr_warmup_init", "reward.timeout_s", "reward.overlong_buffer", "reward.overlong_penalty")
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -302,6 +311,10 @@ def _check(cfg: Config, sources: dict[str, Source]) -> None:
         value = getattr(cfg.mismatch, key.split(".")[1])
         if value is not None and not value > 0:
             raise ConfigError(f"{where(key)}: must be positive (or null: off), got {value!r}")
+    try:
+        LRSchedule.from_config(cfg.optim, cfg.grpo.steps)
+    except ValueError as e:
+        raise ConfigError(f"{where('optim.' + str(e).split('=')[0])}: optim.{e}") from None
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
         raise ConfigError(f"{where('checkpoint.resume')}: auto, never, or a checkpoint path")
 

@@ -36,6 +36,7 @@ from megatron_lpreg.inputs import check_inputs
 from megatron_lpreg.memory import MB, PhasePeaks, freeze_setup_objects, parameter_bytes, unfreeze_setup_objects
 from megatron_lpreg.parallel import broadcast_object, init_distributed
 from megatron_lpreg.policy.optimizer import PolicyOptimizer
+from megatron_lpreg.policy.lr_schedule import LRSchedule
 from megatron_lpreg.policy.metric_sums import MetricSums
 from megatron_lpreg.policy.passes import PolicyContext, on_policy_scores, recompute_logprobs, train
 from megatron_lpreg.policy.setup import load_policy, uses_te
@@ -87,7 +88,8 @@ class GRPOTrainer:
         o = cfg.optim
         self.optimizer = PolicyOptimizer(
             self.model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
-            dp_group=ctx.dp, tp_group=ctx.tp, shard_over_dp=o.distributed_optimizer and ctx.dp_size > 1)
+            dp_group=ctx.dp, tp_group=ctx.tp, shard_over_dp=o.distributed_optimizer and ctx.dp_size > 1,
+            lr_schedule=LRSchedule.from_config(o, g.steps))
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
             (self.stop_ids[0] if self.stop_ids else 0)
         self.policy = PolicyContext(
@@ -148,6 +150,7 @@ class GRPOTrainer:
             batch.set(old_logprobs=scores.old_logprobs, proxy_logprobs=scores.proxy_logprobs,
                       ref_logprobs=scores.ref_logprobs)
         masked = self.mask_mismatched(batch)
+        self.optimizer.set_schedule_step(step - 1)
         with self._phase("train", times, fault_point=False):  # its fault points are in the passes
             trained = train(self.policy, batch, c.loss, self.optimizer, num_minibatches=self.minibatches,
                             epochs=g.epochs, tis_cap=c.mismatch.tis_cap, scores_from_forward=scores is None)
