@@ -164,6 +164,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto: latest complete checkpoint in run_dir/checkpoints | never | a path
     keep_last: int | None = None  # delete older step checkpoints (None: keep all)
     save_at_end: bool = True  # a checkpoint of the final step
+    save_best: bool = False  # also a checkpoint at each validation that improves val/mean (kept by keep_last)
 
 
 @dataclass

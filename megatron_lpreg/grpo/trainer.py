@@ -42,7 +42,8 @@ from megatron_lpreg.policy.passes import PolicyContext, on_policy_scores, recomp
 from megatron_lpreg.policy.setup import load_policy, uses_te
 from megatron_lpreg.policy.throughput import forward_flops, measure_peak_flops
 from megatron_lpreg.policy.training_checkpoint import (
-    complete_checkpoints, load_training_checkpoint, prune_checkpoints, save_training_checkpoint, step_dir,
+    complete_checkpoints, load_training_checkpoint, prune_checkpoints, record_best, save_training_checkpoint,
+    step_dir,
 )
 from megatron_lpreg.rollout.build import build_rollout_engine
 from megatron_lpreg.rollout.engine import SamplingParams, stop_token_ids
@@ -278,6 +279,9 @@ class GRPOTrainer:
             padded_vocab_size=int(self.model.embedding.word_embeddings.weight.shape[0]) * self.ctx.tp_size)
         save_training_checkpoint(path, model=self.model, optimizer=self.optimizer, metadata=metadata,
                                  trainer_state=self.state.state_dict(), hf_source=self.hf_dir)
+        best = self.state.best
+        if best is not None and best["step"] == self.step:
+            record_best(self.run_dir, self.step, best["val/mean"])
         prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
         return path
 
@@ -321,12 +325,14 @@ class GRPOTrainer:
             self.metrics_logger.log(0, self.validate())
         while self.step < end:
             last = self.train_step()
+            improved = False
             if self.val_data is not None and c.validation.every and self.step % c.validation.every == 0:
                 last.update(self.validate())
+                improved = self.state.best is not None and self.state.best["step"] == self.step
             self.metrics_logger.log(self.step, last)
             if self.state.skips.exceeded:
                 self._stop_diverged(saved_at)
-            if c.checkpoint.every and self.step % c.checkpoint.every == 0:
+            if (c.checkpoint.every and self.step % c.checkpoint.every == 0) or (c.checkpoint.save_best and improved):
                 self.save()
                 saved_at = self.step
         if c.checkpoint.save_at_end and saved_at != self.step and self.step == c.grpo.steps:
