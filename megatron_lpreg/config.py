@@ -164,6 +164,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto: latest complete checkpoint in run_dir/checkpoints | never | a path
     keep_last: int | None = None  # delete older step checkpoints (None: keep all)
     save_at_end: bool = True  # a checkpoint of the final step
+    hf_every: int = 0  # steps: a plain HF directory run_dir/hf/step_N (and one at the end); 0 = never
     save_best: bool = False  # also a checkpoint at each validation that improves val/mean (kept by keep_last)
 
 
@@ -209,7 +210,7 @@ _POSITIVE = (
     "reward.num_workers", "grpo.prompts_per_step", "grpo.mini_batch_prompts", "grpo.epochs",
     "grpo.micro_batch_tokens", "grpo.pad_to_multiple", "data.max_prompt_len", "grpo.max_sampling_rounds",
 )
-_NON_NEGATIVE = ("grpo.steps", "grpo.max_consecutive_skips", "validation.every", "checkpoint.every", "optim.lr",
+_NON_NEGATIVE = ("grpo.steps", "grpo.max_consecutive_skips", "validation.every", "checkpoint.every", "checkpoint.hf_every", "optim.lr",
                  "optim.weight_decay", "optim.lr_warmup_steps", "optim.lr_decay_steps", "optim.min_lr",
                  "optim.lr_warmup_init", "reward.timeout_s", "reward.overlong_buffer", "reward.overlong_penalty")
 

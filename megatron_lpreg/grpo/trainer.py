@@ -264,6 +264,8 @@ class GRPOTrainer:
             max_tokens=c.validation.max_tokens or c.rollout.max_tokens, stop_ids=self.stop_ids,
             seed=sampling_seed(c.grpo.seed + 1, self.step, 0), dp_rank=self.ctx.dp_rank,
             dp_size=self.ctx.dp_size, dp_group=self.ctx.dp, on_engine_rank=self.engine_rank)
+        # Every rank keeps the same best (checkpoint.save_best decides a collective save on it).
+        out = broadcast_object(out if self.engine_rank else None, self.ctx.tp)
         if "val/mean" in out:
             self.state.record_validation(out["val/mean"])
         if self.state.best is not None:
@@ -284,6 +286,14 @@ class GRPOTrainer:
             record_best(self.run_dir, self.step, best["val/mean"])
         prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
         return path
+
+    def export_hf(self) -> Path:
+        """The current weights as a plain HF directory, ``run_dir/hf/step_N`` (collective)."""
+        from megatron_lpreg.weights.hf_export import export_hf
+
+        faults.point("hf_export", self.step)
+        return export_hf(self.model, self.spec, self.hf_dir, self.run_dir / "hf" / f"step_{self.step:06d}",
+                         tp_group=self.ctx.tp, dp_group=self.ctx.dp, te=self.te)
 
     def _resume(self) -> Path | None:
         choice = self.cfg.checkpoint.resume
@@ -335,6 +345,8 @@ class GRPOTrainer:
             if (c.checkpoint.every and self.step % c.checkpoint.every == 0) or (c.checkpoint.save_best and improved):
                 self.save()
                 saved_at = self.step
+            if c.checkpoint.hf_every and (self.step % c.checkpoint.hf_every == 0 or self.step == c.grpo.steps):
+                self.export_hf()
         if c.checkpoint.save_at_end and saved_at != self.step and self.step == c.grpo.steps:
             self.save()
         if self.state.best is not None:
