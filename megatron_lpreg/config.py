@@ -88,7 +88,9 @@ class RewardConfig:
     num_workers: int = 4  # grader processes (math-verify)
     timeout_s: float = 5.0  # per answer
     memory_mb: int | None = 1024  # per worker
-    function: str | None = None  # "module:function" scoring (response, ground_truth) instead of the grader
+    # "module:function" instead of the math grader, in the reward workers with their limits: verl's
+    # compute_score(data_source, solution_str, ground_truth, extra_info=None) or fn(response, ground_truth).
+    function: str | None = None
     # DAPO soft overlong punishment, for a response of L tokens: reward += min(0, -(L - (max_tokens - B)) / B * penalty)
     overlong_buffer: int = 0  # B: DAPO's soft overlong punishment over the last B tokens of rollout.max_tokens; 0 = off
     overlong_penalty: float = 1.0  # the penalty at rollout.max_tokens (DAPO: 1.0)
@@ -176,6 +178,8 @@ class LoggingConfig:
     wandb_entity: str | None = None  # wandb team or user
     console: bool = True  # progress bar and a line per step on rank 0
     peak_tflops: float | None = None  # this device's peak for perf/mfu (e.g. a GPU's datasheet); null: measured at start
+    samples_per_step: int = 8  # responses per step and per validation source written to samples.jsonl; 0 = none
+    samples_max_mb: float = 64.0  # samples.jsonl past this size moves to samples.jsonl.1 (the one older file kept)
 
 
 @dataclass
@@ -212,7 +216,7 @@ _POSITIVE = (
 )
 _NON_NEGATIVE = ("grpo.steps", "grpo.max_consecutive_skips", "validation.every", "checkpoint.every", "checkpoint.hf_every", "optim.lr",
                  "optim.weight_decay", "optim.lr_warmup_steps", "optim.lr_decay_steps", "optim.min_lr",
-                 "optim.lr_warmup_init", "reward.timeout_s", "reward.overlong_buffer", "reward.overlong_penalty")
+                 "optim.lr_warmup_init", "reward.timeout_s", "reward.overlong_buffer", "logging.samples_per_step", "reward.overlong_penalty")
 
 
 # ------------------------------------------------------------------------------------- loading

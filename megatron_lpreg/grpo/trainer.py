@@ -46,6 +46,7 @@ from megatron_lpreg.policy.training_checkpoint import (
     step_dir,
 )
 from megatron_lpreg.rollout.build import build_rollout_engine
+from megatron_lpreg.samples import SampleFile, sample_rows
 from megatron_lpreg.rollout.engine import SamplingParams, stop_token_ids
 from megatron_lpreg.weights.refit import EngineRefit
 
@@ -62,7 +63,7 @@ class GRPOTrainer:
         from transformers import AutoTokenizer
 
         from megatron_lpreg.model import parse_hf_config
-        from megatron_lpreg.rewards import FunctionReward, RewardPool
+        from megatron_lpreg.rewards import RewardPool
 
         self.cfg, g, m = cfg, cfg.grpo, cfg.model
         self.run_dir = Path(cfg.run_dir)
@@ -110,8 +111,8 @@ class GRPOTrainer:
         if self.engine_rank:
             self.engine = build_rollout_engine(cfg, self.hf_dir, self.spec.max_position_embeddings, pad_id, g.seed)
             r = cfg.reward
-            self.pool = FunctionReward(r.function) if r.function else \
-                RewardPool(r.num_workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb)
+            self.pool = RewardPool(r.num_workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb,
+                                   function=r.function or None)
         self.refitter = EngineRefit(cfg, self.engine, ctx.tp, ctx.device)
         self.memory = PhasePeaks(ctx.device)
         self.minibatches = g.prompts_per_step // g.mini_batch_prompts
@@ -120,6 +121,9 @@ class GRPOTrainer:
         self.resumed_from = self._resume()
         self.refit()
         self.metrics_logger = self._make_logger()
+        lg = cfg.logging
+        self.samples = SampleFile(self.run_dir, max_bytes=int(lg.samples_max_mb * 2**20), start_step=self.step,
+                                  enabled=ctx.rank == 0 and lg.samples_per_step > 0)
         freeze_setup_objects()
 
     @property
@@ -140,6 +144,9 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         with self._phase("rollout", times, step):
             rollout, truncated = self.generate(step)
+        if self.samples.enabled:
+            self.samples.write(sample_rows(rollout, self.tokenizer, step=step, kind="train",
+                                           limit=c.logging.samples_per_step))
         advantages = group_advantages(torch.tensor(rollout.rewards, dtype=torch.float32), rollout.n,
                                       eps=g.adv_eps, normalize_std=g.normalize_adv_std)
         trainable = truncated_mask(rollout) if c.reward.mask_truncated else None
@@ -213,8 +220,7 @@ class GRPOTrainer:
             sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                       max_tokens=r.max_tokens, stop_token_ids=self.stop_ids,
                                       seed=sampling_seed(c.grpo.seed, step, ctx.dp_rank, round_))
-            graded = generate_and_grade(self.engine, self.pool, self.tokenizer, prompt_ids,
-                                        [rec.ground_truth for rec in records], sampling)
+            graded = generate_and_grade(self.engine, self.pool, self.tokenizer, prompt_ids, records, sampling)
             result = (graded, truncated)
         graded, truncated = broadcast_object(result, ctx.tp)
         if c.reward.overlong_buffer:
@@ -259,11 +265,15 @@ class GRPOTrainer:
         prompt_ids = None
         if self.engine_rank:
             prompt_ids, _ = encode_prompts(list(self.val_data), self.tokenizer, c.data.template, c.data.max_prompt_len)
+        responses = [] if self.samples.enabled else None
         out = validate(
             self.engine, self.pool, self.tokenizer, self.val_data, prompt_ids, c.validation,
             max_tokens=c.validation.max_tokens or c.rollout.max_tokens, stop_ids=self.stop_ids,
             seed=sampling_seed(c.grpo.seed + 1, self.step, 0), dp_rank=self.ctx.dp_rank,
-            dp_size=self.ctx.dp_size, dp_group=self.ctx.dp, on_engine_rank=self.engine_rank)
+            dp_size=self.ctx.dp_size, dp_group=self.ctx.dp, on_engine_rank=self.engine_rank, responses=responses)
+        for graded in responses or []:
+            self.samples.write(sample_rows(graded, self.tokenizer, step=self.step, kind="val",
+                                           limit=c.logging.samples_per_step))
         # Every rank keeps the same best (checkpoint.save_best decides a collective save on it).
         out = broadcast_object(out if self.engine_rank else None, self.ctx.tp)
         if "val/mean" in out:

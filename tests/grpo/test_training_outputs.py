@@ -33,12 +33,13 @@ def _run(ctx, run_dir, policy, data, overrides):
 
 
 def test_hf_exports_best_checkpoint_and_samples(tmp_path, assets):
+    """One TP=2 run checks all three (each alone would cost a run)."""
     from transformers import AutoModelForCausalLM
 
     policy, data = assets
     overrides = ("grpo.steps=3", "grpo.mini_batch_prompts=4", "validation.every=1", "validation.at_start=false",
                  "checkpoint.every=0", "checkpoint.keep_last=1", "checkpoint.save_best=true",
-                 "checkpoint.hf_every=2")
+                 "checkpoint.hf_every=2", "logging.samples_per_step=6")
     ours = run_distributed(_run, world_size=2, tp_size=2, args=(str(tmp_path), policy, data, overrides),
                            timeout_s=400)[0]
     # HF exports at step 2 and at the end; transformers loads them and gives our model's logits.
@@ -57,3 +58,13 @@ def test_hf_exports_best_checkpoint_and_samples(tmp_path, assets):
     assert best_checkpoint(tmp_path) == Path(tmp_path) / "checkpoints" / best["path"]
     kept = [s for s, _ in complete_checkpoints(tmp_path)]
     assert kept == sorted({best_step, 3})
+    # Sample responses: 6 per step (the first prompt groups) and per validation source, with rewards.
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    train = [r for r in samples if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [s for s in (1, 2, 3) for _ in range(6)]
+    val = [r for r in samples if r["kind"] == "val"]
+    assert {(r["step"], r["data_source"]) for r in val} == {(s, d) for s in (1, 2, 3) for d in ("aime", "arith")}
+    for r in samples:
+        assert r["prompt"] and r["response"] is not None and r["ground_truth"] and r["reward"] in (0.0, 1.0)
+        assert r["response_len"] <= 12 and r["finish_reason"] in ("stop", "length")
+    assert any(r["reward"] == 1.0 for r in train)
