@@ -47,3 +47,8 @@ def verl_score(data_source, solution_str, ground_truth, extra_info=None):
 def short_score(response, ground_truth):
     """The short form: a graded value the math grader would never give (it gives 0 or 1)."""
     return 0.75 if response.endswith(ground_truth) else float("nan")
+
+
+def length_score(data_source, solution_str, ground_truth, extra_info=None):
+    """A reward no math grader gives: the response's length plus a per-source offset."""
+    return len(solution_str) / 100 + (10.0 if data_source == "aime" else 0.0)
