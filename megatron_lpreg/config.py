@@ -172,6 +172,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    backends: list[str] = field(default_factory=lambda: ["wandb"])  # besides metrics.jsonl: wandb, tensorboard
     wandb_project: str | None = None  # None: wandb offline in run_dir
     wandb_mode: str | None = None  # online | offline | disabled (default: offline without a project)
     wandb_name: str | None = None  # run name (also the legend in `megatron-lpreg plot`)
@@ -299,6 +300,9 @@ def _check(cfg: Config, sources: dict[str, Source]) -> None:
         if value < 0 or (key in _POSITIVE and value == 0):
             kind = "positive" if key in _POSITIVE else "non-negative"
             raise ConfigError(f"{where(key)}: must be {kind}, got {value!r}")
+    unknown = [b for b in cfg.logging.backends if b not in ("wandb", "tensorboard")]
+    if unknown:
+        raise ConfigError(f"{where('logging.backends')}: {unknown[0]!r} is not one of ['wandb', 'tensorboard']")
     if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
         raise ConfigError(f"{where('logging.peak_tflops')}: must be positive, got {cfg.logging.peak_tflops!r}")
     if cfg.rollout.n < 2:

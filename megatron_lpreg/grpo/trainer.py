@@ -332,7 +332,7 @@ class GRPOTrainer:
         return MetricsLogger(
             self.run_dir, config=config_to_dict(c), enabled=self.ctx.rank == 0, total_steps=c.grpo.steps,
             wandb_project=lg.wandb_project, wandb_mode=lg.wandb_mode, wandb_name=lg.wandb_name,
-            wandb_entity=lg.wandb_entity, console=lg.console, start_step=self.step)
+            wandb_entity=lg.wandb_entity, console=lg.console, start_step=self.step, backends=lg.backends)
 
     # ---------------------------------------------------------------------------- the loop
     def fit(self, max_steps: int | None = None) -> dict[str, float]:
