@@ -215,9 +215,10 @@ _POSITIVE = (
     "reward.num_workers", "grpo.prompts_per_step", "grpo.mini_batch_prompts", "grpo.epochs",
     "grpo.micro_batch_tokens", "grpo.pad_to_multiple", "data.max_prompt_len", "grpo.max_sampling_rounds",
 )
-_NON_NEGATIVE = ("grpo.steps", "grpo.max_consecutive_skips", "validation.every", "checkpoint.every", "checkpoint.hf_every", "optim.lr",
-                 "optim.weight_decay", "optim.lr_warmup_steps", "optim.lr_decay_steps", "optim.min_lr",
-                 "optim.lr_warmup_init", "reward.timeout_s", "reward.overlong_buffer", "logging.samples_per_step", "reward.overlong_penalty")
+_NON_NEGATIVE = ("grpo.steps", "grpo.max_consecutive_skips", "validation.every", "checkpoint.every", "optim.lr",
+                 "optim.weight_decay", "reward.timeout_s", "reward.overlong_buffer", "reward.overlong_penalty",
+                 "checkpoint.hf_every", "optim.lr_warmup_steps", "optim.lr_decay_steps", "optim.min_lr",
+                 "optim.lr_warmup_init", "logging.samples_per_step")
 
 
 # ------------------------------------------------------------------------------------- loading

@@ -35,8 +35,8 @@ from megatron_lpreg.grpo.validation import validate
 from megatron_lpreg.inputs import check_inputs
 from megatron_lpreg.memory import MB, PhasePeaks, freeze_setup_objects, parameter_bytes, unfreeze_setup_objects
 from megatron_lpreg.parallel import broadcast_object, init_distributed
-from megatron_lpreg.policy.optimizer import PolicyOptimizer
 from megatron_lpreg.policy.lr_schedule import LRSchedule
+from megatron_lpreg.policy.optimizer import PolicyOptimizer
 from megatron_lpreg.policy.metric_sums import MetricSums
 from megatron_lpreg.policy.passes import PolicyContext, on_policy_scores, recompute_logprobs, train
 from megatron_lpreg.policy.setup import load_policy, uses_te
@@ -46,8 +46,8 @@ from megatron_lpreg.policy.training_checkpoint import (
     step_dir,
 )
 from megatron_lpreg.rollout.build import build_rollout_engine
-from megatron_lpreg.samples import SampleFile, sample_rows
 from megatron_lpreg.rollout.engine import SamplingParams, stop_token_ids
+from megatron_lpreg.samples import SampleFile, sample_rows
 from megatron_lpreg.weights.refit import EngineRefit
 
 logger = logging.getLogger(__name__)

@@ -53,6 +53,8 @@ def call_reward(fn: Callable, verl: bool, data_source: str, response: str, groun
         if isinstance(value, dict):
             value = value["score"]
         value = float(value)
+    except MemoryError:  # the pool retires a worker that hit its memory limit
+        raise
     except Exception:  # noqa: BLE001 - one bad answer must not stop the step
         return 0.0, STATUS_ERROR
     return (value, STATUS_OK) if math.isfinite(value) else (0.0, STATUS_ERROR)

@@ -16,6 +16,10 @@ retires itself) instead of eating the node.
 Inside the worker, :func:`~megatron_lpreg.rewards.grader.grade_answer` additionally runs with a
 soft SIGALRM deadline slightly below ``timeout_s``, so most slow answers come back as ``timeout``
 without the cost of restarting a worker.
+
+With ``function`` (``reward.function``) the workers run the user's reward function on whole
+responses instead (``rewards.custom``), under the same deadline and memory cap; the parent decides
+nothing itself then, and the function's values are kept as they are (not made 0/1).
 """
 
 from __future__ import annotations
