@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from megatron_lpreg.loss.config import PRESETS, LpRegConfig
+from megatron_lpreg.policy.lr_schedule import LRSchedule
 from megatron_lpreg.model.build import RECOMPUTE
 from megatron_lpreg.typed_yaml import ConfigError, Source, coerce, parse_override, read_yaml
 
@@ -87,7 +88,9 @@ class RewardConfig:
     num_workers: int = 4  # grader processes (math-verify)
     timeout_s: float = 5.0  # per answer
     memory_mb: int | None = 1024  # per worker
-    function: str | None = None  # "module:function" scoring (response, ground_truth) instead of the grader
+    # "module:function" instead of the math grader, in the reward workers with their limits: verl's
+    # compute_score(data_source, solution_str, ground_truth, extra_info=None) or fn(response, ground_truth).
+    function: str | None = None
     # DAPO soft overlong punishment, for a response of L tokens: reward += min(0, -(L - (max_tokens - B)) / B * penalty)
     overlong_buffer: int = 0  # B: DAPO's soft overlong punishment over the last B tokens of rollout.max_tokens; 0 = off
     overlong_penalty: float = 1.0  # the penalty at rollout.max_tokens (DAPO: 1.0)
@@ -124,7 +127,13 @@ class MismatchConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6  # constant
+    lr: float = 1e-6  # the peak rate (constant unless a warm-up or decay is set)
+    # Schedule in GRPO steps, megatron-core's OptimizerParamScheduler (policy/lr_schedule.py).
+    lr_warmup_steps: int = 0  # linear from lr_warmup_init to lr over these steps; 0 = none
+    lr_warmup_init: float = 0.0  # the rate of step 1 under a warm-up
+    lr_decay_style: str = "constant"  # after warm-up: constant, linear or cosine down to min_lr
+    lr_decay_steps: int = 0  # the step at which a decay reaches min_lr; 0 = grpo.steps
+    min_lr: float = 0.0  # where a decay ends
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW
     eps: float = 1e-8  # AdamW
     weight_decay: float = 0.0  # AdamW, decoupled
@@ -157,10 +166,13 @@ class CheckpointConfig:
     resume: str = "auto"  # auto: latest complete checkpoint in run_dir/checkpoints | never | a path
     keep_last: int | None = None  # delete older step checkpoints (None: keep all)
     save_at_end: bool = True  # a checkpoint of the final step
+    hf_every: int = 0  # steps: a plain HF directory run_dir/hf/step_N (and one at the end); 0 = never
+    save_best: bool = False  # also a checkpoint at each validation that improves val/mean (kept by keep_last)
 
 
 @dataclass
 class LoggingConfig:
+    backends: list[str] = field(default_factory=lambda: ["wandb"])  # besides metrics.jsonl: wandb, tensorboard
     wandb_project: str | None = None  # None: wandb offline in run_dir
     wandb_mode: str | None = None  # online | offline | disabled (default: offline without a project)
     wandb_name: str | None = None  # run name (also the legend in `megatron-lpreg plot`)
@@ -170,6 +182,8 @@ class LoggingConfig:
     # sampled_p/*: histogram of pi_old(sampled token), low-probability tokens inside/outside the min-p
     # support (loss.kappa). With Lp-Reg off this adds one vocabulary partition sum per scoring pass.
     sampled_token_metrics: bool = True
+    samples_per_step: int = 8  # responses per step and per validation source written to samples.jsonl; 0 = none
+    samples_max_mb: float = 64.0  # samples.jsonl past this size moves to samples.jsonl.1 (the one older file kept)
 
 
 @dataclass
@@ -197,6 +211,7 @@ _CHOICES = {
     "rollout.engine": ("auto", "hf", "vllm"),
     "parallel.backend": (None, "gloo", "nccl"),
     "logging.wandb_mode": (None, "online", "offline", "disabled"),
+    "optim.lr_decay_style": ("constant", "linear", "cosine"),
 }
 _POSITIVE = (
     "parallel.tp", "rollout.n", "rollout.max_tokens", "rollout.max_batch_size", "rollout.refit_bucket_mb",
@@ -204,7 +219,9 @@ _POSITIVE = (
     "grpo.micro_batch_tokens", "grpo.pad_to_multiple", "data.max_prompt_len", "grpo.max_sampling_rounds",
 )
 _NON_NEGATIVE = ("grpo.steps", "grpo.max_consecutive_skips", "validation.every", "checkpoint.every", "optim.lr",
-                 "optim.weight_decay", "reward.timeout_s", "reward.overlong_buffer", "reward.overlong_penalty")
+                 "optim.weight_decay", "reward.timeout_s", "reward.overlong_buffer", "reward.overlong_penalty",
+                 "checkpoint.hf_every", "optim.lr_warmup_steps", "optim.lr_decay_steps", "optim.min_lr",
+                 "optim.lr_warmup_init", "logging.samples_per_step")
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -287,6 +304,9 @@ def _check(cfg: Config, sources: dict[str, Source]) -> None:
         if value < 0 or (key in _POSITIVE and value == 0):
             kind = "positive" if key in _POSITIVE else "non-negative"
             raise ConfigError(f"{where(key)}: must be {kind}, got {value!r}")
+    unknown = [b for b in cfg.logging.backends if b not in ("wandb", "tensorboard")]
+    if unknown:
+        raise ConfigError(f"{where('logging.backends')}: {unknown[0]!r} is not one of ['wandb', 'tensorboard']")
     if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
         raise ConfigError(f"{where('logging.peak_tflops')}: must be positive, got {cfg.logging.peak_tflops!r}")
     if cfg.rollout.n < 2:
@@ -305,6 +325,10 @@ def _check(cfg: Config, sources: dict[str, Source]) -> None:
         value = getattr(cfg.mismatch, key.split(".")[1])
         if value is not None and not value > 0:
             raise ConfigError(f"{where(key)}: must be positive (or null: off), got {value!r}")
+    try:
+        LRSchedule.from_config(cfg.optim, cfg.grpo.steps)
+    except ValueError as e:
+        raise ConfigError(f"{where('optim.' + str(e).split('=')[0])}: optim.{e}") from None
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
         raise ConfigError(f"{where('checkpoint.resume')}: auto, never, or a checkpoint path")
 

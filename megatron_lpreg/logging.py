@@ -13,7 +13,12 @@ uninterrupted one.  The rule holds for ``start_step == 0`` too: a fresh run in a
 ``run_dir`` replaces what a previous attempt logged there (a warning says how many lines
 went).
 
-Weights & Biases is always used; ``metrics.jsonl`` does not depend on it.  The mode is
+``backends`` chooses the others: ``wandb`` (the default) and ``tensorboard`` (event files under
+``<run_dir>/tensorboard``, every numeric metric a scalar at its step; written with
+``torch.utils.tensorboard`` when the ``tensorboard`` package is installed, else ``tensorboardX``;
+a resumed logger purges events after ``start_step``). Without ``wandb`` in ``backends`` wandb is
+never imported. A backend that cannot start or write logs one warning and is switched off;
+``metrics.jsonl`` does not depend on either.  The mode is
 ``wandb_mode``, else ``$WANDB_MODE``, else ``"offline"`` without a project and ``"online"`` with
 one; the run lives under ``<run_dir>/wandb``.  The run id is kept in ``<run_dir>/wandb_run_id``: a
 resumed logger (``start_step > 0``) continues that run (``resume="allow"``), a fresh one starts a
@@ -128,6 +133,7 @@ class MetricsLogger:
         wandb_entity: str | None = None,
         console: bool = True,
         start_step: int = 0,
+        backends: tuple[str, ...] | list[str] = ("wandb",),
     ) -> None:
         self.enabled = bool(enabled)
         self.run_dir = Path(run_dir)
@@ -138,6 +144,7 @@ class MetricsLogger:
         self.wandb_run_id: str | None = None
         self.wandb_mode: str | None = None
         self._wandb_warned = False
+        self.tensorboard = None
         self._file = None
         self._bar = None
         self._summary: dict[str, Any] = {}
@@ -155,7 +162,10 @@ class MetricsLogger:
         self._truncate_metrics()
         self._load_summary()
         self._file = open(self.metrics_path, "a", encoding="utf-8")
-        self._init_wandb(config, wandb_project, wandb_mode, wandb_name, wandb_entity)
+        if "wandb" in backends:
+            self._init_wandb(config, wandb_project, wandb_mode, wandb_name, wandb_entity)
+        if "tensorboard" in backends:
+            self._init_tensorboard()
         if console:
             from tqdm import tqdm
 
@@ -270,6 +280,17 @@ class MetricsLogger:
                     self.wandb_run_id, next_step - 1, self.start_step + 1, next_step - 1,
                 )
 
+    def _init_tensorboard(self) -> None:
+        try:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # torch's writer needs the tensorboard package; tensorboardX is light
+                from tensorboardX import SummaryWriter
+            self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.start_step + 1)
+        except Exception as e:  # noqa: BLE001
+            logger.warning("tensorboard logging off: %s (pip install tensorboardX, or tensorboard)",
+                           str(e).splitlines()[0] if str(e) else type(e).__name__)
+
     # ----------------------------------------------------------------------- logging
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -308,6 +329,16 @@ class MetricsLogger:
                 self.wandb_run.log(values, step=step)
             except Exception as e:  # noqa: BLE001
                 self._warn_wandb("log", e)
+
+        if self.tensorboard is not None:
+            try:
+                for key, value in values.items():
+                    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                        self.tensorboard.add_scalar(key, value, global_step=step)
+                self.tensorboard.flush()
+            except Exception as e:  # noqa: BLE001
+                logger.warning("tensorboard logging off: %s", e)
+                self.tensorboard = None
 
         if self.console:
             self._update_console(step, values)
@@ -359,6 +390,9 @@ class MetricsLogger:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.wandb_run is not None:
             run, self.wandb_run = self.wandb_run, None
             try:

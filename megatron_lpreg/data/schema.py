@@ -71,6 +71,7 @@ class PromptRecord:
     prompt: Prompt
     data_source: str
     ground_truth: str
+    extra_info: dict | None = None  # verl's per-row extras, passed to a custom reward function
 
     def messages(self) -> list[Message]:
         """The prompt as a chat message list (a string prompt becomes one user message)."""
@@ -188,9 +189,13 @@ def parse_row(row: Any, index: int, fields: DataFields) -> PromptRecord:
         if value is _MISSING or value is None:
             raise FieldError(name, "missing field" if value is _MISSING else "field is null")
         values[attr] = value
+    extra_info = row.get("extra_info")
+    if extra_info is not None and not isinstance(extra_info, dict):
+        raise FieldError("extra_info", f"expected a mapping (or null), got {_type_name(extra_info)}")
     return PromptRecord(
         index=index,
         prompt=validate_prompt(values["prompt"], fields.prompt),
         data_source=validate_data_source(values["data_source"], fields.data_source),
         ground_truth=validate_ground_truth(values["ground_truth"], fields.ground_truth),
+        extra_info=extra_info,
     )

@@ -43,7 +43,9 @@ def take_groups(graded: GradedRollout, groups: list[int]) -> GradedRollout:
     n = graded.n
     rows = [g * n + j for g in groups for j in range(n)]
     return GradedRollout([graded.prompt_ids[g] for g in groups], [graded.completions[i] for i in rows],
-                         [graded.rewards[i] for i in rows], [graded.statuses[i] for i in rows], n)
+                         [graded.rewards[i] for i in rows], [graded.statuses[i] for i in rows], n,
+                         records=[graded.records[g] for g in groups] if graded.records else [],
+                         texts=[graded.texts[i] for i in rows] if graded.texts else [])
 
 
 def concat(parts: list[GradedRollout], n: int) -> GradedRollout:
@@ -53,6 +55,8 @@ def concat(parts: list[GradedRollout], n: int) -> GradedRollout:
         out.completions += p.completions
         out.rewards += p.rewards
         out.statuses += p.statuses
+        out.records += p.records
+        out.texts += p.texts
     return out
 
 

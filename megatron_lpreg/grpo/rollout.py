@@ -32,24 +32,29 @@ class GradedRollout:
     generate_s: float = 0.0
     reward_s: float = 0.0
     metrics: dict = field(default_factory=dict)  # how it was collected (dynamic sampling's rounds)
+    records: list = field(default_factory=list)  # per prompt: its PromptRecord (ground truth, source)
+    texts: list[str] = field(default_factory=list)  # per sequence: the decoded response that was graded
 
     @property
     def response_lens(self) -> list[int]:
         return [len(c.token_ids) for c in self.completions]
 
 
-def generate_and_grade(engine, pool, tokenizer, prompt_ids: list[list[int]], ground_truths: list[str],
+def generate_and_grade(engine, pool, tokenizer, prompt_ids: list[list[int]], records: list,
                        sampling: SamplingParams) -> GradedRollout:
-    """Run on the engine's rank: sample, decode (special tokens dropped) and grade."""
+    """Run on the engine's rank: sample, decode (special tokens dropped) and grade against each
+    prompt's ``PromptRecord`` (its ground truth; a custom reward also gets its source and extras)."""
     start = time.perf_counter()
     groups = engine.generate(prompt_ids, sampling)
     completions = [c for group in groups for c in group]
     generated = time.perf_counter()
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-    truths = [t for t in ground_truths for _ in range(sampling.n)]
-    graded = pool.grade_batch_detailed(texts, truths)
+    per_seq = [r for r in records for _ in range(sampling.n)]
+    graded = pool.grade_batch_detailed(texts, [r.ground_truth for r in per_seq], [r.data_source for r in per_seq],
+                                       [r.extra_info for r in per_seq])
     return GradedRollout(prompt_ids, completions, graded.rewards, graded.statuses, sampling.n,
-                         generate_s=generated - start, reward_s=time.perf_counter() - generated)
+                         generate_s=generated - start, reward_s=time.perf_counter() - generated,
+                         records=list(records), texts=texts)
 
 
 def merge_rollouts(parts: list[GradedRollout]) -> GradedRollout:

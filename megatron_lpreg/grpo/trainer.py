@@ -36,16 +36,19 @@ from megatron_lpreg.grpo.validation import validate
 from megatron_lpreg.inputs import check_inputs
 from megatron_lpreg.memory import MB, PhasePeaks, freeze_setup_objects, parameter_bytes, unfreeze_setup_objects
 from megatron_lpreg.parallel import all_gather_object, broadcast_object, init_distributed, world_group
+from megatron_lpreg.policy.lr_schedule import LRSchedule
 from megatron_lpreg.policy.optimizer import PolicyOptimizer
 from megatron_lpreg.policy.metric_sums import MetricSums
 from megatron_lpreg.policy.passes import PolicyContext, on_policy_scores, recompute_logprobs, train
 from megatron_lpreg.policy.setup import load_policy, uses_te
 from megatron_lpreg.policy.throughput import forward_flops, measure_peak_flops
 from megatron_lpreg.policy.training_checkpoint import (
-    complete_checkpoints, load_training_checkpoint, prune_checkpoints, save_training_checkpoint, step_dir,
+    complete_checkpoints, load_training_checkpoint, prune_checkpoints, record_best, save_training_checkpoint,
+    step_dir,
 )
 from megatron_lpreg.rollout.build import build_rollout_engine
 from megatron_lpreg.rollout.engine import SamplingParams, stop_token_ids
+from megatron_lpreg.samples import SampleFile, sample_rows
 from megatron_lpreg.weights.refit import EngineRefit, shares_engine_memory
 
 logger = logging.getLogger(__name__)
@@ -61,7 +64,7 @@ class GRPOTrainer:
         from transformers import AutoTokenizer
 
         from megatron_lpreg.model import parse_hf_config
-        from megatron_lpreg.rewards import FunctionReward, RewardPool
+        from megatron_lpreg.rewards import RewardPool
 
         self.cfg, g, m = cfg, cfg.grpo, cfg.model
         self.run_dir = Path(cfg.run_dir)
@@ -85,7 +88,8 @@ class GRPOTrainer:
         o = cfg.optim
         self.optimizer = PolicyOptimizer(
             self.model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
-            dp_group=ctx.dp, tp_group=ctx.tp, shard_over_dp=o.distributed_optimizer and ctx.dp_size > 1)
+            dp_group=ctx.dp, tp_group=ctx.tp, shard_over_dp=o.distributed_optimizer and ctx.dp_size > 1,
+            lr_schedule=LRSchedule.from_config(o, g.steps))
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
             (self.stop_ids[0] if self.stop_ids else 0)
         self.policy = PolicyContext(
@@ -116,8 +120,8 @@ class GRPOTrainer:
         self.sliced = self.engine_rank and ctx.tp_size > 1 and self.refitter.shared is not None
         if self.engine_rank:
             r = cfg.reward
-            self.pool = FunctionReward(r.function) if r.function else \
-                RewardPool(r.num_workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb)
+            self.pool = RewardPool(r.num_workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb,
+                                   function=r.function or None)
         self.memory = PhasePeaks(ctx.device)
         self.lpreg_activity = LpRegActivity(cfg.loss)
         self.minibatches = g.prompts_per_step // g.mini_batch_prompts
@@ -126,6 +130,9 @@ class GRPOTrainer:
         self.resumed_from = self._resume()
         self.refit()
         self.metrics_logger = self._make_logger()
+        lg = cfg.logging
+        self.samples = SampleFile(self.run_dir, max_bytes=int(lg.samples_max_mb * 2**20), start_step=self.step,
+                                  enabled=ctx.rank == 0 and lg.samples_per_step > 0)
         freeze_setup_objects()
 
     @property
@@ -146,6 +153,9 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         with self._phase("rollout", times, step):
             rollout, truncated = self.generate(step)
+        if self.samples.enabled:
+            self.samples.write(sample_rows(rollout, self.tokenizer, step=step, kind="train",
+                                           limit=c.logging.samples_per_step))
         advantages = group_advantages(torch.tensor(rollout.rewards, dtype=torch.float32), rollout.n,
                                       eps=g.adv_eps, normalize_std=g.normalize_adv_std)
         trainable = truncated_mask(rollout) if c.reward.mask_truncated else None
@@ -157,6 +167,7 @@ class GRPOTrainer:
             batch.set(old_logprobs=scores.old_logprobs, proxy_logprobs=scores.proxy_logprobs,
                       ref_logprobs=scores.ref_logprobs)
         masked = self.mask_mismatched(batch)
+        self.optimizer.set_schedule_step(step - 1)
         with self._phase("train", times, fault_point=False):  # its fault points are in the passes
             trained = train(self.policy, batch, c.loss, self.optimizer, num_minibatches=self.minibatches,
                             epochs=g.epochs, tis_cap=c.mismatch.tis_cap, scores_from_forward=scores is None)
@@ -224,8 +235,7 @@ class GRPOTrainer:
             sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                       max_tokens=r.max_tokens, stop_token_ids=self.stop_ids,
                                       seed=sampling_seed(c.grpo.seed, step, slot, round_))
-            graded = generate_and_grade(self.engine, self.pool, self.tokenizer, prompt_ids,
-                                        [rec.ground_truth for rec in records], sampling)
+            graded = generate_and_grade(self.engine, self.pool, self.tokenizer, prompt_ids, records, sampling)
             result = (graded, truncated)
         if self.sliced:
             parts = all_gather_object(result, ctx.tp)
@@ -278,11 +288,17 @@ class GRPOTrainer:
         # Sliced: every rank's engine takes its share of the prompts, and the whole world reduces.
         slot, slots, group = (ctx.rank, ctx.world_size, world_group()) if self.sliced else \
             (ctx.dp_rank, ctx.dp_size, ctx.dp)
+        responses = [] if self.samples.enabled else None
         out = validate(
             self.engine, self.pool, self.tokenizer, self.val_data, prompt_ids, c.validation,
             max_tokens=c.validation.max_tokens or c.rollout.max_tokens, stop_ids=self.stop_ids,
             seed=sampling_seed(c.grpo.seed + 1, self.step, 0), dp_rank=slot, dp_size=slots, dp_group=group,
-            on_engine_rank=self.engine_rank)
+            on_engine_rank=self.engine_rank, responses=responses)
+        for graded in responses or []:
+            self.samples.write(sample_rows(graded, self.tokenizer, step=self.step, kind="val",
+                                           limit=c.logging.samples_per_step))
+        # Every rank keeps the same best (checkpoint.save_best decides a collective save on it).
+        out = broadcast_object(out if self.engine_rank else None, ctx.tp)
         if "val/mean" in out:
             self.state.record_validation(out["val/mean"])
         if self.state.best is not None:
@@ -298,8 +314,19 @@ class GRPOTrainer:
             padded_vocab_size=int(self.model.embedding.word_embeddings.weight.shape[0]) * self.ctx.tp_size)
         save_training_checkpoint(path, model=self.model, optimizer=self.optimizer, metadata=metadata,
                                  trainer_state=self.state.state_dict(), hf_source=self.hf_dir)
+        best = self.state.best
+        if best is not None and best["step"] == self.step:
+            record_best(self.run_dir, self.step, best["val/mean"])
         prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
         return path
+
+    def export_hf(self) -> Path:
+        """The current weights as a plain HF directory, ``run_dir/hf/step_N`` (collective)."""
+        from megatron_lpreg.weights.hf_export import export_hf
+
+        faults.point("hf_export", self.step)
+        return export_hf(self.model, self.spec, self.hf_dir, self.run_dir / "hf" / f"step_{self.step:06d}",
+                         tp_group=self.ctx.tp, dp_group=self.ctx.dp, te=self.te)
 
     def _resume(self) -> Path | None:
         choice = self.cfg.checkpoint.resume
@@ -328,7 +355,7 @@ class GRPOTrainer:
         return MetricsLogger(
             self.run_dir, config=config_to_dict(c), enabled=self.ctx.rank == 0, total_steps=c.grpo.steps,
             wandb_project=lg.wandb_project, wandb_mode=lg.wandb_mode, wandb_name=lg.wandb_name,
-            wandb_entity=lg.wandb_entity, console=lg.console, start_step=self.step)
+            wandb_entity=lg.wandb_entity, console=lg.console, start_step=self.step, backends=lg.backends)
 
     # ---------------------------------------------------------------------------- the loop
     def fit(self, max_steps: int | None = None) -> dict[str, float]:
@@ -344,14 +371,18 @@ class GRPOTrainer:
             inactive = self.lpreg_activity.update(last)
             if inactive and self.ctx.rank == 0:
                 logger.warning(inactive)
+            improved = False
             if self.val_data is not None and c.validation.every and self.step % c.validation.every == 0:
                 last.update(self.validate())
+                improved = self.state.best is not None and self.state.best["step"] == self.step
             self.metrics_logger.log(self.step, last)
             if self.state.skips.exceeded:
                 self._stop_diverged(saved_at)
-            if c.checkpoint.every and self.step % c.checkpoint.every == 0:
+            if (c.checkpoint.every and self.step % c.checkpoint.every == 0) or (c.checkpoint.save_best and improved):
                 self.save()
                 saved_at = self.step
+            if c.checkpoint.hf_every and (self.step % c.checkpoint.hf_every == 0 or self.step == c.grpo.steps):
+                self.export_hf()
         if c.checkpoint.save_at_end and saved_at != self.step and self.step == c.grpo.steps:
             self.save()
         if self.state.best is not None:

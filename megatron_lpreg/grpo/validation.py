@@ -23,9 +23,11 @@ def source_sampling(source: str, vcfg, max_tokens: int, stop_ids: tuple[int, ...
 
 
 def validate(engine, pool, tokenizer, records, prompt_ids, vcfg, *, max_tokens: int, stop_ids, seed: int,
-             dp_rank: int, dp_size: int, dp_group, on_engine_rank: bool) -> dict[str, float]:
+             dp_rank: int, dp_size: int, dp_group, on_engine_rank: bool,
+             responses: list | None = None) -> dict[str, float]:
     """Metrics ``val/<source>/avg@k``, ``val/<source>/response_len`` and ``val/mean`` (the mean over
-    sources). Collective over ``dp_group``; only engine ranks generate."""
+    sources). Collective over ``dp_group``; only engine ranks generate. ``responses``: a list that
+    receives this rank's graded rollouts (one ``GradedRollout`` per source), for sample files."""
     sums = MetricSums()
     if on_engine_rank:
         by_source: dict[str, list[int]] = collections.defaultdict(list)
@@ -34,7 +36,9 @@ def validate(engine, pool, tokenizer, records, prompt_ids, vcfg, *, max_tokens: 
         for source, idx in sorted(by_source.items()):
             sampling = source_sampling(source, vcfg, max_tokens, stop_ids, seed + dp_rank)
             graded = generate_and_grade(engine, pool, tokenizer, [prompt_ids[i] for i in idx],
-                                        [records[i].ground_truth for i in idx], sampling)
+                                        [records[i] for i in idx], sampling)
+            if responses is not None:
+                responses.append(graded)
             name = f"val/{source}/avg@{sampling.n}"
             for reward, length in zip(graded.rewards, graded.response_lens):
                 sums.add({name: reward, f"val/{source}/response_len": length})

@@ -38,6 +38,7 @@ class LpRegConfig:
     # Policy-gradient clip: 1.0 / 9.0 means r in [0, 10].
     eps_low: float = 1.0  # lower clip: r >= 1 - eps_low (selected Lp-Reg tokens are not clipped)
     eps_high: float = 9.0  # upper clip: r <= 1 + eps_high
+    clip_ratio_c: float = 0.0  # dual clip (verl): for A < 0 the loss is at most -A * c, c > 1; 0 = off
     # verl baselines, all off by default.
     ratio_level: str = "token"  # "sequence" = GSPO's length-normalised sequence ratio
     entropy_coef: float = 0.0  # entropy bonus: loss -= coef * H
@@ -69,6 +70,8 @@ class LpRegConfig:
                 f"LpRegConfig: clip bounds eps_low={self.eps_low}, eps_high={self.eps_high} must be "
                 "non-negative with eps_low <= 1"
             )
+        if self.clip_ratio_c != 0.0 and not self.clip_ratio_c > 1.0:
+            raise ValueError(f"LpRegConfig.clip_ratio_c={self.clip_ratio_c!r}: expected > 1 (or 0 = off)")
         if self.min_selected < 1:
             raise ValueError(f"LpRegConfig.min_selected={self.min_selected}: expected >= 1")
         if self.kl_clamp <= 0 or self.beta < 0 or self.entropy_coef < 0 or self.kl_cov_coef < 0:

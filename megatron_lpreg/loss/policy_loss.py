@@ -159,6 +159,15 @@ def lp_reg_policy_loss_tensors(
         w = pg_weight.detach().to(logprobs.dtype)
         pg_unclipped, pg_clipped = w * pg_unclipped, w * pg_clipped
     token_loss = torch.maximum(pg_unclipped, pg_clipped)
+    dual = None
+    if config.clip_ratio_c > 0:
+        # verl's dual clip: a negative-advantage token's loss is capped at -A * c, so one token
+        # with a huge ratio cannot dominate. Lp-Reg's S' and KL-Cov's tokens replace it below.
+        pg_dual = -adv * config.clip_ratio_c
+        if pg_weight is not None:
+            pg_dual = w * pg_dual
+        dual = (adv < 0) & (token_loss > pg_dual)
+        token_loss = torch.where(dual, pg_dual, token_loss)
     metrics: dict[str, torch.Tensor] = {}
 
     if config.kl_cov_ratio > 0:
@@ -235,6 +244,8 @@ def lp_reg_policy_loss_tensors(
             "pg/ratio_min": _masked_extreme(r, mask, largest=False),
             "pg/approx_kl": _masked_mean((old_logprobs - logprobs).detach(), mask, n_mask),
         })
+        if dual is not None:
+            metrics["pg/clipfrac_dual"] = _masked_mean(dual.to(r.dtype), loss_mask, n_loss)
         if entropy is not None:
             metrics["entropy/mean"] = _masked_mean(entropy.detach(), mask, n_mask)
     return loss, metrics

@@ -147,6 +147,13 @@ class RolloutBatch:
             return lens.sum()
         return (lens * self.trainable[list(rows)]).sum()
 
+    def loss_sequences(self, rows: Sequence[int]) -> torch.Tensor:
+        """0-d: sequences of ``rows`` with a response token in the loss (``seq_mean_token_mean``'s count)."""
+        keep = torch.tensor([self.response_lens[i] > 0 for i in rows], device=self.advantages.device)
+        if self.trainable is not None:
+            keep = keep & self.trainable[list(rows)]
+        return keep.sum().to(torch.float64)
+
 
 @dataclass
 class MicroBatch:

@@ -35,6 +35,7 @@ import torch
 
 from megatron_lpreg.parallel import group_rank, group_size
 from megatron_lpreg.policy import grads as finalize
+from megatron_lpreg.policy.lr_schedule import LRSchedule
 from megatron_lpreg.policy.optimizer_state import OptimizerStateMixin
 
 
@@ -127,6 +128,7 @@ class PolicyOptimizer(OptimizerStateMixin):
         tp_group=None,
         bucket_numel: int = 2**24,
         shard_over_dp: bool = False,
+        lr_schedule: LRSchedule | None = None,
     ):
         self.model = model
         self.clip_grad = clip_grad
@@ -146,11 +148,19 @@ class PolicyOptimizer(OptimizerStateMixin):
                             for p in self.params]
         self.optimizer = torch.optim.AdamW(
             self.masters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        # Sets each param group's lr and weight decay; without a schedule the rate stays ``lr``.
+        self.scheduler = (lr_schedule or LRSchedule(lr=lr)).scheduler(self.optimizer, weight_decay)
         self._init_main_grads()
 
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def set_schedule_step(self, completed_steps: int) -> None:
+        """Put the learning rate where the schedule has it after ``completed_steps`` GRPO steps
+        (a function of the step alone, so a resumed run continues it exactly)."""
+        self.scheduler.num_steps = completed_steps
+        self.scheduler.step(0)
 
     def _init_shard(self) -> None:
         self.layout = FlatLayout.build(self.params, group_size(self.dp_group), group_rank(self.dp_group))

@@ -8,7 +8,9 @@ proxy costs one extra partition sum and all-reduce, not a second pass. With a re
 
 ``train``: the mini-batch updates. Micro-batches are formed by a token budget; each micro-batch
 loss is weighted so the accumulated gradient is that of the whole mini-batch's loss (verl's
-dynamic-batch weighting), and the optimiser averages it over data-parallel ranks. On-policy
+dynamic-batch weighting), and the optimiser averages it over data-parallel ranks. Exact for
+``seq_mean_token_mean`` (weight: the micro-batch's surviving sequences over the mini-batch's, all
+DP ranks) and ``global_token_mean``; ``token_mean`` weighs a micro-batch's token mean by its rows. On-policy
 (``on_policy_scores``: one mini-batch, one epoch, nothing that must see the whole batch's
 log-probs before the first update) ``train`` takes the old log-probs, proxy and entropies from its
 own forward, detached, and the separate pass is not run: the weights have not moved yet, so they
@@ -163,6 +165,12 @@ def _exact_kl(pc: PolicyContext, logits: torch.Tensor, mb: MicroBatch, loss_cfg:
     return values
 
 
+def _dp_total(count: torch.Tensor, dp_group) -> int:
+    """A mini-batch count summed over data-parallel ranks, at least 1 (one host sync)."""
+    count = all_reduce(count.reshape(1), dp_group)
+    return max(int(count.item()), 1)
+
+
 def _minibatches(n: int, num: int) -> list[list[int]]:
     size = n // num
     return [list(range(k * size, (k + 1) * size)) for k in range(num)]
@@ -209,11 +217,11 @@ def train(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimiz
         for mini in _minibatches(len(batch), num_minibatches):
             thresholds = _batch_thresholds(pc, batch, mini, loss_cfg) \
                 if loss_cfg.percentile_scope != "microbatch" and loss_cfg.enabled else None
-            global_tokens = None
+            global_tokens = global_seqs = None
             if loss_cfg.loss_agg == "global_token_mean":
-                t = batch.loss_tokens(mini).reshape(1)
-                all_reduce(t, dp_group)
-                global_tokens = max(int(t.item()), 1)
+                global_tokens = _dp_total(batch.loss_tokens(mini), dp_group)
+            elif loss_cfg.loss_agg == "seq_mean_token_mean":
+                global_seqs = _dp_total(batch.loss_sequences(mini), dp_group)
             for mb in microbatches(pc, batch, mini):
                 clock.start()
                 logits = _response_logits(pc, mb)
@@ -240,6 +248,10 @@ def train(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimiz
                     global_tokens=global_tokens, ref_logprobs=mb.field("ref_logprobs"), pg_weight=pg_weight)
                 if loss_cfg.loss_agg == "global_token_mean":
                     weight = float(pc.dp_size)  # the optimiser averages over DP; the sum is wanted
+                elif loss_cfg.loss_agg == "seq_mean_token_mean":
+                    # The micro-batch's mean is over its surviving sequences, so it weighs by them
+                    # (not by its rows: dropped sequences would lend their weight to the survivors).
+                    weight = mb.loss_mask.any(dim=-1).sum().to(loss.dtype) * (pc.dp_size / global_seqs)
                 else:
                     weight = len(mb.rows) / len(mini)
                 clock.lap("time/train/forward")
@@ -247,7 +259,9 @@ def train(pc: PolicyContext, batch: RolloutBatch, loss_cfg: LpRegConfig, optimiz
                 clock.lap("time/train/backward")
                 faults.point("train")
                 metrics.add(m, weight=tokens)
-                metrics.add({"loss/policy": loss.detach()}, weight=len(mb.rows))
+                # Weighted as the gradient is: under seq_mean_token_mean the mini-batch's exact loss.
+                metrics.add({"loss/policy": loss.detach()},
+                            weight=weight if loss_cfg.loss_agg == "seq_mean_token_mean" else len(mb.rows))
             faults.point("optimizer", tensors=lambda: optimizer.grads())
             clock.start()
             steps.append(optimizer.step())

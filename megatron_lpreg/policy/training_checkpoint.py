@@ -9,6 +9,9 @@ A training checkpoint is a model checkpoint (``megatron_lpreg.checkpointing``: i
     rng/rank_<r>.pt       torch and megatron RNG states of each rank
     trainer_state.json    step, data-sampler position, best validation score, optimiser counters
 
+``checkpoints/best.json`` names the checkpoint saved at the step of the best validation score
+(``record_best``); pruning never deletes it.
+
 all written into the hidden staging directory before the completeness marker, so ``resume: auto``
 only ever sees whole checkpoints. ``optimizer`` is a ``PolicyOptimizer`` (its checkpoint entries:
 ``policy.optimizer_state``). Saves and loads are collectives over the whole world.
@@ -35,6 +38,7 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 OPTIM_DIR = "optim"
 RNG_DIR = "rng"
 STATE_FILE = "trainer_state.json"
+BEST_FILE = "best.json"  # in checkpoints/: which step's checkpoint scored the best validation
 
 
 def step_dir(run_dir, step: int) -> Path:
@@ -161,9 +165,31 @@ def load_training_checkpoint(path, *, model, optimizer) -> dict:
     return state
 
 
+def record_best(run_dir, step: int, score: float) -> None:
+    """Name the checkpoint of ``step`` as the best by validation (rank 0; atomic replace)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    path = Path(run_dir) / "checkpoints" / BEST_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step, "path": step_dir(run_dir, step).name, "val/mean": score}) + "\n")
+    tmp.replace(path)
+
+
+def best_checkpoint(run_dir) -> Path | None:
+    """The checkpoint ``record_best`` last named, if it is still complete."""
+    try:
+        best = json.loads((Path(run_dir) / "checkpoints" / BEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    path = step_dir(run_dir, int(best["step"]))
+    return path if ckpt.is_complete(path) else None
+
+
 def prune_checkpoints(run_dir, keep_last: int | None) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints (rank 0 only)."""
+    """Delete all but the newest ``keep_last`` complete checkpoints and the best (rank 0 only)."""
     if not keep_last or (dist.is_initialized() and dist.get_rank() != 0):
         return
+    best = best_checkpoint(run_dir)
     for _, path in complete_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        if path != best:
+            shutil.rmtree(path, ignore_errors=True)

@@ -3,7 +3,6 @@
 from .extract import last_boxed
 from .grader import grade
 from .normalize import normalize_answer
-from .custom import FunctionReward
 from .pool import RewardPool
 
-__all__ = ["FunctionReward", "RewardPool", "grade", "last_boxed", "normalize_answer"]
+__all__ = ["RewardPool", "grade", "last_boxed", "normalize_answer"]

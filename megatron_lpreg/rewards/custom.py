@@ -1,18 +1,25 @@
 """A user reward function in place of the math grader (verl's ``custom_reward_function``).
 
-``reward.function: "my_pkg.rewards:score"`` names ``score(response: str, ground_truth: str) -> float``.
-It runs in the trainer process on the engine rank: it is the user's own trusted code, and it may
-reward things the math grader cannot see (format, length, tool use). An exception or a non-finite
-value gives reward 0 with status ``error``, as a grader failure does.
+``reward.function: "my_pkg.rewards:score"`` names either verl's
+``compute_score(data_source, solution_str, ground_truth, extra_info=None)`` (a float, or a dict
+whose ``"score"`` is the reward, as verl accepts) or the short ``score(response, ground_truth)``;
+the form is read from the signature (three or more positional parameters: verl's). It runs in
+the reward pool's workers (``rewards.pool``) under the same per-answer time and memory limits as
+the math grader, so a slow or crashing function costs its answer, not the step. ``extra_info``
+is the prompt row's ``extra_info`` column (None where the row has none). An exception or a
+non-finite value gives reward 0 with status ``error``, as a grader failure does.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
-from .pool import STATUS_ERROR, BatchResult
+from .grader import STATUS_OK
+
+STATUS_ERROR = "error"  # an exception or a bad value while grading (the pool's status too)
 
 
 def import_function(path: str) -> Callable:
@@ -28,25 +35,26 @@ def import_function(path: str) -> Callable:
     return fn
 
 
-class FunctionReward:
-    """Grades with a plain function; the same ``grade_batch_detailed`` as :class:`RewardPool`."""
+def takes_verl_signature(fn: Callable) -> bool:
+    """verl's ``(data_source, solution_str, ground_truth, extra_info=None)`` or the short form."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: the short form
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
-    def __init__(self, path: str):
-        self.fn = import_function(path)
 
-    def grade_batch_detailed(self, responses: Sequence[str], ground_truths: Sequence[str]) -> BatchResult:
-        if len(responses) != len(ground_truths):
-            raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
-        rewards, statuses = [], []
-        for response, truth in zip(responses, ground_truths):
-            try:
-                value = float(self.fn(response, truth))
-                status = "ok" if math.isfinite(value) else STATUS_ERROR
-            except Exception:  # noqa: BLE001 - one bad answer must not stop the step
-                value, status = 0.0, STATUS_ERROR
-            rewards.append(value if status == "ok" else 0.0)
-            statuses.append(status)
-        return BatchResult(rewards, statuses, [0.0] * len(rewards), 0)
-
-    def close(self) -> None:
-        pass
+def call_reward(fn: Callable, verl: bool, data_source: str, response: str, ground_truth: str,
+                extra_info) -> tuple[float, str]:
+    """(reward, status) of one response; never raises."""
+    try:
+        value = fn(data_source, response, ground_truth, extra_info) if verl else fn(response, ground_truth)
+        if isinstance(value, dict):
+            value = value["score"]
+        value = float(value)
+    except MemoryError:  # the pool retires a worker that hit its memory limit
+        raise
+    except Exception:  # noqa: BLE001 - one bad answer must not stop the step
+        return 0.0, STATUS_ERROR
+    return (value, STATUS_OK) if math.isfinite(value) else (0.0, STATUS_ERROR)

@@ -18,6 +18,10 @@ Workers exit by themselves when the process holding the pool dies, even by SIGKI
 Inside the worker, :func:`~megatron_lpreg.rewards.grader.grade_answer` additionally runs with a
 soft SIGALRM deadline slightly below ``timeout_s``, so most slow answers come back as ``timeout``
 without the cost of restarting a worker.
+
+With ``function`` (``reward.function``) the workers run the user's reward function on whole
+responses instead (``rewards.custom``), under the same deadline and memory cap; the parent decides
+nothing itself then, and the function's values are kept as they are (not made 0/1).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Callable, Sequence
 
 from megatron_lpreg.lifetime import mark_as_parent
 
+from .custom import STATUS_ERROR, call_reward, import_function, takes_verl_signature
 from .extract import DEFAULT_MAX_ANSWER_CHARS, find_last_boxed
 from .grader import DEFAULT_TIMEOUT_S, STATUS_OK, STATUS_TIMEOUT, fast_grade, grade_answer
 
@@ -43,7 +48,6 @@ __all__ = ["BatchResult", "RewardPool", "STATUSES"]
 logger = logging.getLogger(__name__)
 
 STATUS_CRASH = "crash"
-STATUS_ERROR = "error"
 #: Every status a graded item can have.  ``ok``: graded normally (reward 0 or 1); ``no_box``,
 #: ``too_long``, ``unclosed``: no usable final answer; ``timeout``: over the time limit;
 #: ``crash``: the worker died; ``error``: exception or memory limit while grading.
@@ -110,7 +114,8 @@ def _warm_up() -> None:
         pass
 
 
-def _worker_main(conn, memory_mb: int | None, soft_timeout_s: float, grade_fn: Callable | None) -> None:
+def _worker_main(conn, memory_mb: int | None, soft_timeout_s: float, grade_fn: Callable | None,
+                 function: str | None = None) -> None:
     from megatron_lpreg.lifetime import exit_with_parent
 
     exit_with_parent()  # before the memory limit: the watcher thread needs its stack
@@ -118,7 +123,11 @@ def _worker_main(conn, memory_mb: int | None, soft_timeout_s: float, grade_fn: C
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _set_memory_limit(memory_mb)
     fn = grade_fn or grade_answer
-    _warm_up()
+    if function:
+        user_fn = import_function(function)
+        verl = takes_verl_signature(user_fn)
+    else:
+        _warm_up()
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -129,11 +138,14 @@ def _worker_main(conn, memory_mb: int | None, soft_timeout_s: float, grade_fn: C
             os._exit(3)
         if msg is None:
             return
-        task_id, answer, truth = msg
+        task_id, payload = msg
         retire = False
         try:
-            reward, status = fn(answer, truth, timeout_s=soft_timeout_s)
-            reward = 1.0 if float(reward) == 1.0 else 0.0
+            if function:  # (data_source, response, ground_truth, extra_info); the user's value as it is
+                reward, status = call_reward(user_fn, verl, *payload)
+            else:  # (boxed answer, ground truth)
+                reward, status = fn(*payload, timeout_s=soft_timeout_s)
+                reward = 1.0 if float(reward) == 1.0 else 0.0
         except MemoryError:
             reward, status, retire = 0.0, STATUS_ERROR, True
         except BaseException:  # noqa: BLE001 - any failure of one answer is reward 0
@@ -148,12 +160,12 @@ def _worker_main(conn, memory_mb: int | None, soft_timeout_s: float, grade_fn: C
 
 # --------------------------------------------------------------------------- parent side
 class _Worker:
-    def __init__(self, ctx, memory_mb, soft_timeout_s, grade_fn):
+    def __init__(self, ctx, memory_mb, soft_timeout_s, grade_fn, function):
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         self.conn = parent_conn
         self.proc = ctx.Process(
             target=_worker_main,
-            args=(child_conn, memory_mb, soft_timeout_s, grade_fn),
+            args=(child_conn, memory_mb, soft_timeout_s, grade_fn, function),
             name="reward-worker",
             daemon=True,
         )
@@ -199,6 +211,8 @@ class RewardPool:
         max_tasks_per_worker: recycle a worker after this many answers (bounds sympy caches).
         grade_fn: ``fn(answer, ground_truth, timeout_s=...) -> (reward, status)`` run in the
             workers instead of :func:`grade_answer` (must be picklable; for tests).
+        function: ``"module:fn"``, a user reward function (``rewards.custom``) run in the workers
+            on whole responses instead of the math grader; its rewards are kept as it returns them.
 
     Not thread-safe for concurrent ``grade_batch`` calls from several threads (a lock serialises
     them).  Use as a context manager or call :meth:`close`.
@@ -213,6 +227,7 @@ class RewardPool:
         start_method: str = "spawn",
         max_tasks_per_worker: int | None = 2000,
         grade_fn: Callable | None = None,
+        function: str | None = None,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -224,6 +239,9 @@ class RewardPool:
         self.max_answer_chars = int(max_answer_chars)
         self.max_tasks_per_worker = max_tasks_per_worker
         self._grade_fn = grade_fn
+        self.function = function
+        if function:
+            import_function(function)  # a bad path is one clear error here, not a dead worker
         self._ctx = mp.get_context(start_method)
         self._soft_timeout_s = self.timeout_s * _SOFT_FRACTION
         self._lock = threading.Lock()
@@ -236,7 +254,7 @@ class RewardPool:
     # ------------------------------------------------------------------ lifecycle
     def _spawn(self) -> _Worker:
         mark_as_parent()  # the worker watches this process, whoever started it
-        return _Worker(self._ctx, self.memory_mb, self._soft_timeout_s, self._grade_fn)
+        return _Worker(self._ctx, self.memory_mb, self._soft_timeout_s, self._grade_fn, self.function)
 
     def _replace(self, i: int) -> None:
         self._workers[i].kill()
@@ -278,7 +296,10 @@ class RewardPool:
         """Rewards (0.0 / 1.0) for ``responses[i]`` vs ``ground_truths[i]``."""
         return self.grade_batch_detailed(responses, ground_truths).rewards
 
-    def grade_batch_detailed(self, responses: Sequence[str], ground_truths: Sequence[str]) -> BatchResult:
+    def grade_batch_detailed(self, responses: Sequence[str], ground_truths: Sequence[str],
+                             data_sources: Sequence[str] | None = None,
+                             extra_infos: Sequence[dict | None] | None = None) -> BatchResult:
+        """``data_sources`` and ``extra_infos`` (one per response) reach a user ``function`` only."""
         if len(responses) != len(ground_truths):
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
         if self._closed:
@@ -287,8 +308,12 @@ class RewardPool:
         rewards = [0.0] * n
         statuses = [STATUS_ERROR] * n
         seconds = [0.0] * n
-        pending: collections.deque[tuple[int, str, str]] = collections.deque()
+        pending: collections.deque[tuple[int, tuple]] = collections.deque()
         for i, (response, truth) in enumerate(zip(responses, ground_truths)):
+            if self.function:
+                pending.append((i, (data_sources[i] if data_sources else "", response, str(truth),
+                                    extra_infos[i] if extra_infos else None)))
+                continue
             t0 = time.perf_counter()
             answer, status = find_last_boxed(response, self.max_answer_chars)
             if answer is None:
@@ -299,7 +324,7 @@ class RewardPool:
                 except Exception:  # noqa: BLE001 - let the worker try
                     decided = None
                 if decided is None:
-                    pending.append((i, answer, str(truth)))
+                    pending.append((i, (answer, str(truth))))
                 else:
                     rewards[i], statuses[i] = decided, STATUS_OK
             seconds[i] = time.perf_counter() - t0
@@ -340,7 +365,7 @@ class RewardPool:
                 task_id = self._next_task_id
                 self._next_task_id += 1
                 try:
-                    w.conn.send((task_id, item[1], item[2]))
+                    w.conn.send((task_id, item[1]))
                 except (OSError, ValueError):
                     pending.appendleft(item)
                     self._replace(idx)

@@ -42,8 +42,9 @@ def test_jsonl_message_and_string_prompts(tmp_path):
     ])
     ds = load_prompt_dataset(path)
     assert len(ds) == 2 and ds.skipped == 0
-    assert ds[0] == PromptRecord(0, MSG, "math_dapo", "2")
-    assert ds[1] == PromptRecord(1, "Compute 6 * 7.", "gsm", "42")
+    # verl's extra_info column travels with the record (a custom reward function gets it).
+    assert ds[0] == PromptRecord(0, MSG, "math_dapo", "2", {"index": 0})
+    assert ds[1] == PromptRecord(1, "Compute 6 * 7.", "gsm", "42", {"index": 0})
     assert ds[0].question == "What is 1 + 1?"
     assert ds[1].messages() == [{"role": "user", "content": "Compute 6 * 7."}]
 
@@ -58,6 +59,7 @@ def test_parquet_verl_nested_schema(tmp_path):
     assert pa.types.is_struct(pq.read_schema(path).field("reward_model").type)
     ds = PromptDataset(path)
     assert [r.ground_truth for r in ds] == ["2", "7"]
+    assert ds[1].extra_info == {"index": 0}
     assert ds[0].prompt == MSG
     assert ds[1].prompt[0] == {"role": "system", "content": "Be brief."}
     assert ds[1].question == "Q2"
@@ -141,6 +143,7 @@ JSONL_BAD_ROWS = {
     "gt_bool": (verl_row(gt=True), "reward_model.ground_truth", "bool"),
     "gt_dict": (verl_row(gt={"a": 1}), "reward_model.ground_truth", "dict"),
     "gt_empty": (verl_row(gt=""), "reward_model.ground_truth", "empty"),
+    "extra_info_list": ({**verl_row(), "extra_info": [1]}, "extra_info", "expected a mapping"),
 }
 
 

@@ -120,6 +120,8 @@ def policy_loss(lp, old, proxy, adv, mask, cfg, exact_kl=None, entropy_t=None, t
         else:
             clipped = torch.clamp(r, 1 - cfg.eps_low, 1 + cfg.eps_high)
             loss_t = torch.maximum(-a * r, -a * clipped)
+            if cfg.clip_ratio_c and a < 0:
+                loss_t = torch.minimum(loss_t, -a * cfg.clip_ratio_c)
         if cfg.entropy_coef:
             loss_t = loss_t - cfg.entropy_coef * entropy_t[t]
         losses.append(loss_t)

@@ -149,6 +149,8 @@ CONFIGS = [
     dict(rho=0.1, percentile_scope="batch_all_tokens", regularize_positive=0.05),
     dict(rho=0.2, entropy_coef=0.01),
     dict(enabled=False, eps_low=0.2, eps_high=0.2),
+    dict(enabled=False, eps_low=0.2, eps_high=0.28, clip_ratio_c=1.1),
+    dict(rho=0.2, clip_ratio_c=1.1),
 ]
 
 
@@ -348,7 +350,8 @@ def e2e_inputs(seed=0, B=3, S=24, V=37):
     return logits, proxy_logits, target, old, adv, mask
 
 
-E2E_CONFIGS = [LpRegConfig(rho=0.2), LpRegConfig(rho=0.2, kl="forward", entropy_coef=0.01)]
+E2E_CONFIGS = [LpRegConfig(rho=0.2), LpRegConfig(rho=0.2, kl="forward", entropy_coef=0.01),
+               LpRegConfig(rho=0.2, clip_ratio_c=1.5)]
 
 
 def _e2e_body(ctx, configs):
@@ -473,3 +476,16 @@ def test_without_tis_the_loss_is_unchanged_bit_for_bit():
             results.append((loss.detach(), x.grad, m))
         (l0, g0, m0), (l1, g1, m1) = results
         assert torch.equal(l0, l1) and torch.equal(g0, g1) and m0 == m1
+
+
+def test_dual_clip_caps_negative_advantage_tokens_and_is_off_by_default():
+    lp, old, proxy, adv, mask, _, _ = random_batch(0)
+    assert LpRegConfig().clip_ratio_c == 0.0
+    _, plain = lp_reg_policy_loss(lp, old, proxy, adv, mask, LpRegConfig(enabled=False))
+    assert "pg/clipfrac_dual" not in plain
+    _, m = lp_reg_policy_loss(lp, old, proxy, adv, mask, LpRegConfig(enabled=False, clip_ratio_c=1.1))
+    r, a = torch.exp(lp - old), adv[:, None].expand_as(lp)
+    assert m["pg/clipfrac_dual"] == pytest.approx(float(((r > 1.1) & (a < 0) & mask).sum() / mask.sum()))
+    assert m["pg/clipfrac_dual"] > 0
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        LpRegConfig(clip_ratio_c=1.0)

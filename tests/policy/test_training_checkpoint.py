@@ -5,7 +5,9 @@ tests/reliability/test_faults.py."""
 from __future__ import annotations
 
 from megatron_lpreg import checkpointing as ckpt
-from megatron_lpreg.policy.training_checkpoint import STATE_FILE, complete_checkpoints, prune_checkpoints, step_dir
+from megatron_lpreg.policy.training_checkpoint import (
+    STATE_FILE, best_checkpoint, complete_checkpoints, prune_checkpoints, record_best, step_dir,
+)
 
 
 def _fake(run_dir, step: int, *, marker: bool = True, state: bool = True):
@@ -34,3 +36,16 @@ def test_prune_keeps_the_newest(tmp_path):
     assert [p for _, p in complete_checkpoints(tmp_path)] == paths
     prune_checkpoints(tmp_path, 2)
     assert [p for _, p in complete_checkpoints(tmp_path)] == paths[1:]
+
+
+def test_prune_never_deletes_the_best(tmp_path):
+    paths = [_fake(tmp_path, s) for s in (1, 2, 3, 4)]
+    assert best_checkpoint(tmp_path) is None
+    record_best(tmp_path, 2, 0.75)
+    assert best_checkpoint(tmp_path) == paths[1]
+    prune_checkpoints(tmp_path, 1)
+    assert [p for _, p in complete_checkpoints(tmp_path)] == [paths[1], paths[3]]
+    record_best(tmp_path, 4, 0.8)  # a newer best: the old one is an ordinary checkpoint again
+    _fake(tmp_path, 5)
+    prune_checkpoints(tmp_path, 1)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [4, 5]
