@@ -59,10 +59,13 @@ def generate_and_grade(engine, pool, tokenizer, prompt_ids: list[list[int]], rec
 
 def merge_rollouts(parts: list[GradedRollout]) -> GradedRollout:
     """The slices of one replica's prompts, generated side by side, as one rollout in slice order."""
+    def joined(name: str) -> list:
+        return [x for part in parts for x in getattr(part, name)]
+
     return GradedRollout(
-        [p for part in parts for p in part.prompt_ids], [c for part in parts for c in part.completions],
-        [r for part in parts for r in part.rewards], [s for part in parts for s in part.statuses], parts[0].n,
-        generate_s=max(part.generate_s for part in parts), reward_s=max(part.reward_s for part in parts))
+        joined("prompt_ids"), joined("completions"), joined("rewards"), joined("statuses"), parts[0].n,
+        generate_s=max(part.generate_s for part in parts), reward_s=max(part.reward_s for part in parts),
+        records=joined("records"), texts=joined("texts"))
 
 
 def prompt_slice(count: int, rank: int, size: int) -> slice:

@@ -61,10 +61,10 @@ def test_ref_kl_tp2_two_steps_and_resume(tmp_path, assets):
         assert r["resume_diff"] == 0.0
     rows = read_metrics(tmp_path / "whole" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
-    # Step 1: the first of its two mini-batches is on the reference itself (KL 0), the second
-    # after one update; by step 2 the policy has moved further.
-    assert all(math.isfinite(r["loss/ref_kl"]) for r in rows)
-    assert 0.0 <= rows[0]["loss/ref_kl"] < rows[1]["loss/ref_kl"]
+    # Step 1: the first of its two mini-batches is on the reference itself (KL 0: step0_gap), the
+    # second after one update. How the KL then moves depends on the samples (at lr 1e-3 one update
+    # of this tiny model already gives KL ~1): only that it is there and finite is a property.
+    assert all(math.isfinite(r["loss/ref_kl"]) and r["loss/ref_kl"] > 0 for r in rows)
     resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert resumed[-1]["loss/ref_kl"] == rows[1]["loss/ref_kl"]
 
