@@ -9,7 +9,8 @@ of a training checkpoint both ways, each into a fresh directory:
            final) for the model and another per group for the optimiser (2 x (layers + 2) saves)
   after    ``save_training_checkpoint``: one save of the model in Megatron-LM's layout, one of the
            optimiser state beside it
-and prints seconds, GB written, seconds per GB and the ratio. Run with ``--tp 2`` to time it on
+and, as the floor, ``floor``: the same tensors (this rank's model shards and optimiser state) written
+with one ``torch.save`` and fsync'd. Prints seconds, GB written, seconds per GB and the ratios. Run with ``--tp 2`` to time it on
 two gloo ranks (``torchrun`` is not needed: ranks are spawned here).
 """
 
@@ -55,6 +56,22 @@ def _before(model, optimizer, directory: Path) -> None:
                                 str(where))
 
 
+def _floor(model, optimizer, directory: Path) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    tensors = {name: p.detach() for name, p in model.named_parameters()}
+    for name in tensors.copy():
+        tensors.update({f"{kind}/{name}": t for kind, t in optimizer.param_state(name).items()})
+    directory.mkdir(parents=True)
+    with open(directory / f"rank_{dist.get_rank()}.pt", "wb") as f:
+        torch.save(tensors, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _after(model, optimizer, directory: Path, spec, tp: int, dtype) -> None:
     from megatron_lpreg import checkpointing
     from megatron_lpreg.megatron_layout import megatron_args
@@ -86,7 +103,8 @@ def _body(ctx, model_dir: str, dtype_name: str, out: str):
     optimizer.step()
     times = {}
     for name, save in (("before", lambda d: _before(model, optimizer, d)),
-                       ("after", lambda d: _after(model, optimizer, d, spec, ctx.tp_size, dtype))):
+                       ("after", lambda d: _after(model, optimizer, d, spec, ctx.tp_size, dtype)),
+                       ("floor", lambda d: _floor(model, optimizer, d))):
         directory = Path(out) / name
         dist.barrier()
         start = time.perf_counter()
@@ -119,6 +137,8 @@ def main(argv=None) -> None:
     print(f"{'':8} {'seconds':>8} {'GB':>7} {'s/GB':>7}")
     for name in times:
         print(f"{name:8} {times[name]:8.2f} {sizes[name] / 1e9:7.3f} {times[name] / (sizes[name] / 1e9):7.2f}")
+    print(f"after / floor: {(times['after'] / sizes['after']) / (times['floor'] / sizes['floor']):.2f}x the floor's "
+          f"time per GB")
     print(f"after / before: {times['after'] / times['before']:.3f} of the time "
           f"({times['before'] / times['after']:.1f}x faster), "
           f"{(times['after'] / sizes['after']) / (times['before'] / sizes['before']):.3f} of the time per GB")

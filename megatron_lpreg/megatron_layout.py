@@ -118,7 +118,10 @@ def run_config(args: Namespace) -> dict:
         "vocab_size": args.padded_vocab_size, "make_vocab_size_divisible_by": args.make_vocab_size_divisible_by,
         "tensor_model_parallel_size": args.tensor_model_parallel_size,
         "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
-        "bf16": args.bf16, "fp16": args.fp16, "params_dtype": str(args.params_dtype),
+        "bf16": args.bf16, "fp16": args.fp16,
+        # Bridge's YAML form of a dtype and of a function: an object its loader resolves, not called
+        "params_dtype": {"_target_": str(args.params_dtype), "_call_": False},
+        "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
     }
     return {"model": model, "model_config": dict(model),
             "checkpoint": {"save_optim": False, "save_rng": False, "ckpt_format": "torch_dist"}}

@@ -4,8 +4,8 @@
   the way Megatron-LM builds one from the checkpoint's own ``args`` (at TP=2), every tensor equal
   to the HF source;
 - a checkpoint saved by plain megatron-core in Megatron-LM's layout (TP=2: ``iter_0000007`` +
-  tracker, no HF files) converts to HF bitwise with ``--hf-config``, and so does one of our
-  previous layout;
+  tracker, no HF files) converts to HF bitwise with ``--hf-config`` and loads as ``model.load`` at
+  TP=1, and so does one of our previous layout;
 - bad inputs (no --hf-config, a config of another model size) are one-line errors.
 """
 
@@ -72,8 +72,10 @@ def _plain_load(ctx, hf_dir: str, ckpt: str):
 
     iter_dir = Path(ckpt) / f"iter_{int((Path(ckpt) / 'latest_checkpointed_iteration.txt').read_text()):07d}"
     common = dist_checkpointing.load_common_state_dict(str(iter_dir))
-    args = Namespace(**{**vars(common["args"]), "tensor_model_parallel_size": ctx.tp_size,
-                        "padded_vocab_size": common["args"].padded_vocab_size})
+    saved = common["args"]
+    multiple = saved.make_vocab_size_divisible_by * ctx.tp_size  # Megatron-LM pads for its own TP
+    args = Namespace(**{**vars(saved), "tensor_model_parallel_size": ctx.tp_size,
+                        "padded_vocab_size": -(-saved.vocab_size // multiple) * multiple})
     model = megatron_lm_model(args)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir))
     model.load_state_dict(loaded["model"], strict=False)
@@ -121,14 +123,42 @@ def _plain_save(ctx, hf_dir: str, root: str):
                                                              "num_layers": spec.num_layers})
 
 
+def _error_line(stderr: str) -> str:
+    """The converter's one error line (library warnings aside), and no traceback."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def _load_model(ctx, hf_dir: str, dirs: list[str]):
+    """What ``model.load`` does with each checkpoint (here at TP=1): the weights as HF tensors."""
+    from megatron_lpreg import checkpointing
+    from megatron_lpreg.model import build_gpt_model, parse_hf_config
+
+    spec = parse_hf_config(hf_dir)
+    out = {}
+    for directory in dirs:
+        model = build_gpt_model(spec, torch.float32, use_te=False)
+        checkpointing.load_model(model, directory, vocab_size=spec.vocab_size)
+        out[directory] = _full_hf(ctx, spec, model)
+    return out
+
+
 def test_megatron_lm_and_previous_layout_checkpoints_convert_to_hf_bitwise(tmp_path):
     hf = save_hf(FAMILY, tmp_path / "hf")
     run_distributed(_plain_save, 2, 2, args=(str(hf), str(tmp_path)))
     assert not (tmp_path / "mlm" / "hf").exists()
     original = load_safetensors_dir(hf)
 
+    # model.load (a training run's starting point) at TP=1 from the TP=2 saves
+    dirs = [str(tmp_path / "mlm"), str(tmp_path / "mlm" / "iter_0000007"), str(tmp_path / "legacy")]
+    for directory, weights in run_distributed(_load_model, 1, 1, args=(str(hf), dirs))[0].items():
+        assert sorted(weights) == sorted(original), directory
+        for name, tensor in original.items():
+            assert torch.equal(weights[name], tensor), (directory, name)
+
     proc = run_tool("megatron_to_hf", "--ckpt", str(tmp_path / "mlm"), "--out", str(tmp_path / "x"), check=False)
-    assert proc.returncode == 2 and "--hf-config" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2 and "--hf-config" in _error_line(proc.stderr), proc.stderr
 
     run_tool("megatron_to_hf", "--ckpt", str(tmp_path / "mlm"), "--out", str(tmp_path / "back"), "--hf-config", str(hf))
     run_tool("megatron_to_hf", "--ckpt", str(tmp_path / "legacy"), "--out", str(tmp_path / "back_legacy"),
@@ -147,5 +177,5 @@ def test_megatron_lm_and_previous_layout_checkpoints_convert_to_hf_bitwise(tmp_p
     (other / "config.json").write_text(json.dumps(dict(config, intermediate_size=128)))
     proc = run_tool("megatron_to_hf", "--ckpt", str(tmp_path / "mlm"), "--out", str(tmp_path / "y"),
                     "--hf-config", str(other), check=False)
-    assert proc.returncode == 2 and "linear_fc" in proc.stderr and "shape" in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    line = _error_line(proc.stderr)
+    assert proc.returncode == 2 and "linear_fc" in line and "shape" in line, proc.stderr
