@@ -2,10 +2,10 @@
 
 Layout of a checkpoint directory (format 2)::
 
-    latest_checkpointed_iteration.txt   \  Megatron-LM's layout (``megatron_layout``): Megatron-LM
-    iter_000000N/                       /  (``--load DIR --finetune``) and Megatron-Bridge load it
-    hf/                     config.json, generation config and tokenizer files of the HF source
-    lpreg_checkpoint.json   our metadata; written last, so its presence means "complete"
+    latest_checkpointed_iteration.txt   Megatron-LM's layout (``megatron_layout``): Megatron-LM
+    iter_000000N/                       (``--load DIR --finetune``) and Megatron-Bridge load these two
+    hf/                                 config.json, generation config and tokenizer files of the HF source
+    lpreg_checkpoint.json               our metadata; written last, so its presence means "complete"
 
 ``iter_000000N`` is one megatron-core torch_dist save of the GPTModel's sharded state dict (decoder
 layers stacked into [L, ...] tensors): dist_checkpointing stores global tensors, so any TP size

@@ -5,7 +5,7 @@
   to the HF source;
 - a checkpoint saved by plain megatron-core in Megatron-LM's layout (TP=2: ``iter_0000007`` +
   tracker, no HF files) converts to HF bitwise with ``--hf-config`` and loads as ``model.load`` at
-  TP=1, and so does one of our previous layout;
+  TP=1, and so do one of our previous layout and a training checkpoint's model part;
 - bad inputs (no --hf-config, a config of another model size) are one-line errors.
 """
 
@@ -121,6 +121,16 @@ def _plain_save(ctx, hf_dir: str, root: str):
         (iter_dir.parent / "latest_checkpointed_iteration.txt").write_text("7")
     legacy_layout.save_model(model, Path(root) / "legacy", {"dtype": "fp32", "vocab_size": spec.vocab_size,
                                                              "num_layers": spec.num_layers})
+    # a training checkpoint's model part is the same layout, its optimiser beside it
+    from megatron_lpreg import checkpointing
+    from megatron_lpreg.policy.optimizer import PolicyOptimizer
+    from megatron_lpreg.policy.training_checkpoint import save_training_checkpoint
+
+    meta = checkpointing.model_metadata(spec, source=hf_dir, dtype=torch.float32, tp_size=2,
+                                        padded_vocab_size=args.padded_vocab_size)
+    optimizer = PolicyOptimizer(model, lr=1e-3, dp_group=ctx.dp_group, tp_group=ctx.tp_group)
+    save_training_checkpoint(Path(root) / "train" / "step_000003", model=model, optimizer=optimizer, metadata=meta,
+                             trainer_state={"step": 3, "world_size": 2}, megatron_args=args)
 
 
 def _error_line(stderr: str) -> str:
@@ -151,7 +161,10 @@ def test_megatron_lm_and_previous_layout_checkpoints_convert_to_hf_bitwise(tmp_p
     original = load_safetensors_dir(hf)
 
     # model.load (a training run's starting point) at TP=1 from the TP=2 saves
-    dirs = [str(tmp_path / "mlm"), str(tmp_path / "mlm" / "iter_0000007"), str(tmp_path / "legacy")]
+    train = tmp_path / "train" / "step_000003"
+    assert (train / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert (train / "iter_0000003" / "run_config.yaml").is_file() and (train / "optim" / ".metadata").is_file()
+    dirs = [str(tmp_path / "mlm"), str(tmp_path / "mlm" / "iter_0000007"), str(tmp_path / "legacy"), str(train)]
     for directory, weights in run_distributed(_load_model, 1, 1, args=(str(hf), dirs))[0].items():
         assert sorted(weights) == sorted(original), directory
         for name, tensor in original.items():
