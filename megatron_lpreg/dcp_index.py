@@ -1,4 +1,4 @@
-"""Join several torch-DCP saves, each holding different chunks of the same tensors, into one.
+"""The torch-DCP index of a torch_dist checkpoint: join several saves into one, read one region.
 
 A torch_dist checkpoint is shard files plus one ``.metadata`` index saying, for every tensor, its
 global shape, its stored chunks and where each chunk's bytes are (file, offset, length). Saves of
@@ -10,6 +10,10 @@ This is what lets a converter write Megatron-LM's layout with one layer resident
 A decoder layer is saved as a stack of one (megatron's layer axis prepended, of length 1: a save of
 layer ``i`` of ``[L, ...]`` alone is something megatron's writer cannot express in one process, it
 places the other layers' chunks on rank ``(0 + 1) % 1``); the merge moves it to ``[i]`` of ``L``.
+
+Reading goes the other way: ``read_regions`` reads one layer's slice of the stacked tensors by
+looking its chunks up in the index and loading just those (megatron's loader, in a one-process
+world, cannot be asked for part of a stacked tensor, for the same reason).
 """
 
 from __future__ import annotations
@@ -153,39 +157,44 @@ def check_covered(directory: str | os.PathLike) -> None:
 # reading regions
 
 
-def _region_planner(wanted: list[tuple[str, tuple[int, ...], torch.Tensor]]):
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
-    from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-    class RegionPlanner(DefaultLoadPlanner):
-        """Reads region ``offsets`` (of the destination's size) of stored tensor ``key`` into the
-        destination: torch's resharding reads, for destinations that are not a whole tensor."""
-
-        def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
-            self.metadata, self.is_coordinator, self.state_dict = metadata, is_coordinator, {}
-
-        def create_local_plan(self):
-            items = []
-            for n, (key, offsets, dest) in enumerate(wanted):
-                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
-                for item in create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk]):
-                    where = MetadataIndex(str(n), item.dest_index.offset, item.dest_index.index)
-                    items.append(dataclasses.replace(item, dest_index=where))
-            return LoadPlan(items)
-
-        def lookup_tensor(self, index):
-            return wanted[int(index.fqn)][2]
-
-    return RegionPlanner()
+def _overlap(chunk_offsets, chunk_sizes, region_offsets, region_sizes):
+    """Per-dimension (start in chunk, start in region, length) of two boxes, or None if disjoint."""
+    out = []
+    for c0, cn, r0, rn in zip(chunk_offsets, chunk_sizes, region_offsets, region_sizes):
+        lo, hi = max(c0, r0), min(c0 + cn, r0 + rn)
+        if lo >= hi:
+            return None
+        out.append((lo - c0, lo - r0, hi - lo))
+    return out
 
 
+@torch.no_grad()
 def read_regions(directory: str | os.PathLike, wanted: list[tuple[str, tuple[int, ...], torch.Tensor]]) -> None:
     """Fill each destination tensor with region ``offsets`` (of its shape) of stored tensor ``key``,
-    reading only the bytes of the stored chunks that overlap it; rows of the destination beyond the
-    stored tensor (a larger vocabulary padding) are left as they are. Local: no process group."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint import load as dcp_load
+    reading only the stored chunks that overlap it (one at a time: the index gives each chunk's file,
+    offset and length); rows of the destination beyond the stored tensor (a larger vocabulary
+    padding) are left as they are. Local: no process group."""
+    import io
 
-    dcp_load({}, storage_reader=FileSystemReader(str(directory)), planner=_region_planner(wanted), no_dist=True)
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+    directory = Path(directory)
+    index = read_index(directory)
+    for key, offsets, dest in wanted:
+        entry = index.state_dict_metadata.get(key)
+        if not isinstance(entry, TensorStorageMetadata):
+            raise MergeError(f"{directory}: no tensor {key!r}")
+        for chunk in entry.chunks:
+            overlap = _overlap(chunk.offsets, chunk.sizes, offsets, dest.shape)
+            if overlap is None:
+                continue
+            info = index.storage_data[MetadataIndex(key, chunk.offsets)]
+            if getattr(info, "transform_descriptors", None):
+                raise MergeError(f"{directory}: {key} is stored transformed ({info.transform_descriptors}); "
+                                 f"only plain torch_dist chunks are read here")
+            with open(directory / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                stored = torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
+            src = stored[tuple(slice(a, a + n) for a, _, n in overlap)]
+            dest[tuple(slice(b, b + n) for _, b, n in overlap)].copy_(src.view(src.shape))
+            del stored, src
