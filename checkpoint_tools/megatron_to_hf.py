@@ -19,8 +19,6 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 from checkpoint_tools.common import (
     DTYPES, ConversionError, cpu_world, materialise, meta_model, progress, release, run_cli,
 )
@@ -68,7 +66,8 @@ def convert(ckpt_dir, out_dir, max_shard_bytes: int = 5 * 1024**3, force: bool =
         groups = ckpt.model_groups(spec.num_layers)
         if not legacy:  # every shape, from the index, before anything is written
             try:
-                megatron_layout.check_shapes(iter_dir, megatron_layout.weights_only(model.sharded_state_dict()))
+                sharded = megatron_layout.model_sharded_state_dict(model, not megatron_layout.stacked(iter_dir))
+                megatron_layout.check_shapes(iter_dir, megatron_layout.weights_only(sharded))
             except megatron_layout.LayoutError as e:
                 raise ConversionError(f"{e} (with the config of {hf_files})") from None
         with ckpt.staged_directory(out_dir, overwrite=force) as tmp, \

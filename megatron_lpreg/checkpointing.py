@@ -309,8 +309,9 @@ def load_model(model, checkpoint_dir: str | os.PathLike, on_group: Callable[[str
                 on_group(group)
     else:
         try:
-            megatron_layout.load_into(model, megatron_layout.weights_only(model.sharded_state_dict()),
-                                      meta["iteration_dir"], "the model")
+            iter_dir = meta["iteration_dir"]
+            sharded = megatron_layout.model_sharded_state_dict(model, not megatron_layout.stacked(iter_dir))
+            megatron_layout.load_into(model, megatron_layout.weights_only(sharded), iter_dir, "the model")
         except megatron_layout.LayoutError as e:
             raise CheckpointError(str(e)) from None
     vocab = meta.get("vocab_size") or vocab_size

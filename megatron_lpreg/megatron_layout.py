@@ -169,16 +169,34 @@ def weights_only(sharded: dict) -> dict:
     return {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
 
 
-def group_sharded_state_dict(model, group: str, alone: bool = False) -> dict:
+def stacked(iter_dir: Path) -> bool:
+    """Whether the checkpoint stacks its decoder layers (``decoder.layers.<name>``, [L, ...]: the
+    default) or keys them per layer (``decoder.layers.<i>.<name>``: megatron's non-homogeneous
+    layers option)."""
+    from megatron_lpreg.dcp_index import read_index
+
+    return not any(k.startswith("decoder.layers.") and k.split(".")[2].isdigit()
+                   for k in read_index(iter_dir).state_dict_metadata)
+
+
+def model_sharded_state_dict(model, per_layer: bool = False) -> dict:
+    """``model.sharded_state_dict()``, with per-layer keys if ``per_layer`` (see ``stacked``)."""
+    return model.sharded_state_dict(metadata={"non_homogeneous_layers": True} if per_layer else None)
+
+
+def group_sharded_state_dict(model, group: str, alone: bool = False, per_layer: bool = False) -> dict:
     """The entries of ``model.sharded_state_dict()`` that belong to ``group`` (``checkpointing.
     model_groups``), built for that group alone: a layer is its slice ``[i]`` of the stacked keys,
     exactly as the whole model's dict has it (megatron's TransformerBlock does the same per layer).
-    ``alone``: a layer as a stack of one (``[0]`` of 1), the form ``dcp_index`` restacks."""
+    ``alone``: a layer as a stack of one (``[0]`` of 1), the form ``dcp_index`` restacks.
+    ``per_layer``: keys of a checkpoint that is not stacked (``stacked``)."""
     from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 
     if group.startswith("layer_"):
         i = int(group[len("layer_"):])
         prefix = f"decoder.layers.{i}."
+        if per_layer:
+            return model.decoder.layers[i].sharded_state_dict(prefix, [], None)
         offsets = [(0, 0, 1)] if alone else [(0, i, len(model.decoder.layers))]
         sd = model.decoder.layers[i].sharded_state_dict(prefix, offsets, None)
         replace_prefix_for_sharding(sd, prefix, "decoder.layers.")
@@ -332,7 +350,7 @@ def read_group(model, group: str, iter_dir: Path) -> None:
 
     from megatron_lpreg.dcp_index import read_regions
 
-    sharded = weights_only(group_sharded_state_dict(model, group))
+    sharded = weights_only(group_sharded_state_dict(model, group, per_layer=not stacked(iter_dir)))
     check_shapes(iter_dir, sharded)
     params = dict(model.named_parameters())
     wanted, factories = [], []

@@ -5,7 +5,8 @@
   to the HF source;
 - a checkpoint saved by plain megatron-core in Megatron-LM's layout (TP=2: ``iter_0000007`` +
   tracker, no HF files) converts to HF bitwise with ``--hf-config`` and loads as ``model.load`` at
-  TP=1, and so do one of our previous layout and a training checkpoint's model part;
+  TP=1, and so do one with a key per layer (megatron's non-homogeneous option), one of our previous
+  layout and a training checkpoint's model part;
 - bad inputs (no --hf-config, a config of another model size) are one-line errors.
 """
 
@@ -119,6 +120,13 @@ def _plain_save(ctx, hf_dir: str, root: str):
                              "args": args}, str(iter_dir))
     if ctx.rank == 0:
         (iter_dir.parent / "latest_checkpointed_iteration.txt").write_text("7")
+    # megatron's other key scheme: a key per layer (non-homogeneous layers), no tracker
+    per_layer = Path(root) / "per_layer" / "iter_0000007"
+    if ctx.rank == 0:
+        per_layer.mkdir(parents=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict(metadata={"non_homogeneous_layers": True}),
+                             "checkpoint_version": 3.0, "iteration": 7, "args": args}, str(per_layer))
     legacy_layout.save_model(model, Path(root) / "legacy", {"dtype": "fp32", "vocab_size": spec.vocab_size,
                                                              "num_layers": spec.num_layers})
     # a training checkpoint's model part is the same layout, its optimiser beside it
@@ -164,7 +172,8 @@ def test_megatron_lm_and_previous_layout_checkpoints_convert_to_hf_bitwise(tmp_p
     train = tmp_path / "train" / "step_000003"
     assert (train / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     assert (train / "iter_0000003" / "run_config.yaml").is_file() and (train / "optim" / ".metadata").is_file()
-    dirs = [str(tmp_path / "mlm"), str(tmp_path / "mlm" / "iter_0000007"), str(tmp_path / "legacy"), str(train)]
+    dirs = [str(tmp_path / "mlm"), str(tmp_path / "mlm" / "iter_0000007"), str(tmp_path / "legacy"), str(train),
+            str(tmp_path / "per_layer" / "iter_0000007")]
     for directory, weights in run_distributed(_load_model, 1, 1, args=(str(hf), dirs))[0].items():
         assert sorted(weights) == sorted(original), directory
         for name, tensor in original.items():
@@ -176,7 +185,9 @@ def test_megatron_lm_and_previous_layout_checkpoints_convert_to_hf_bitwise(tmp_p
     run_tool("megatron_to_hf", "--ckpt", str(tmp_path / "mlm"), "--out", str(tmp_path / "back"), "--hf-config", str(hf))
     run_tool("megatron_to_hf", "--ckpt", str(tmp_path / "legacy"), "--out", str(tmp_path / "back_legacy"),
              "--hf-config", str(hf))
-    for out in ("back", "back_legacy"):
+    run_tool("megatron_to_hf", "--ckpt", str(tmp_path / "per_layer" / "iter_0000007"), "--out",
+             str(tmp_path / "back_per_layer"), "--hf-config", str(hf))
+    for out in ("back", "back_legacy", "back_per_layer"):
         converted = load_safetensors_dir(tmp_path / out)
         assert sorted(converted) == sorted(original), out
         for name, tensor in original.items():
