@@ -26,7 +26,8 @@ from argparse import Namespace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from megatron_lpreg.checkpointing import _barrier, _rank  # the one place ranks synchronise
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_CONFIG = "run_config.yaml"
@@ -40,15 +41,6 @@ class LayoutError(RuntimeError):
 
 def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def is_torch_dist(path: Path) -> bool:

@@ -86,10 +86,9 @@ def save_optimizer(model, optimizer, directory) -> None:
     """The optimiser's tensors in one dist_checkpointing save (collective)."""
     from megatron.core import dist_checkpointing
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if ckpt._rank() == 0:
         Path(directory).mkdir(parents=True, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
+    ckpt._barrier()
     dist_checkpointing.save(_optim_sharded(model, optimizer), str(directory))
 
 
