@@ -142,14 +142,13 @@ def read_dcp(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(path: Path) -> dict[str, object]:
-    """All of a training checkpoint: model and optimiser tensors per group, trainer state, RNG files.
+    """All of a training checkpoint: model and optimiser tensors, trainer state, RNG files.
     Raises (any exception) on anything missing or unreadable."""
-    meta = ckpt.read_metadata(path)
+    meta = ckpt.describe(path)
     out: dict[str, object] = {}
-    for group in meta["groups"]:
-        for kind, sub in (("model", path / ckpt.MODEL_DIR / group), ("optim", path / OPTIM_DIR / group)):
-            for key, tensor in read_dcp(sub).items():
-                out[f"{kind}/{group}/{key}"] = tensor
+    for kind, sub in (("model", meta["iteration_dir"]), ("optim", path / OPTIM_DIR)):
+        for key, tensor in read_dcp(sub).items():
+            out[f"{kind}/{key}"] = tensor
     state = json.loads((path / STATE_FILE).read_text())
     out["trainer_state"] = state
     for rank in range(state["world_size"]):

@@ -2,10 +2,13 @@
 
     python -m checkpoint_tools.hf_to_megatron --hf DIR --out DIR --tp N [--dtype bf16] [--force]
 
-Reads (sharded) safetensors one layer at a time and writes megatron-core dist_checkpointing groups
-(see ``megatron_lpreg.checkpointing``), which load at any TP size. ``--tp`` checks that the model
-splits at that size and pads the vocabulary as a TP=N run does. Config, generation config and
-tokenizer files are copied into the checkpoint's ``hf/`` directory.
+Reads (sharded) safetensors one layer at a time and writes Megatron-LM's checkpoint layout
+(``latest_checkpointed_iteration.txt`` + ``iter_0000000/``, one torch_dist save of the GPTModel's
+sharded state dict with Megatron-LM ``args``, and Bridge's ``run_config.yaml``), which Megatron-LM
+(``--load OUT --finetune``), Megatron-Bridge and megatron-lpreg load at any TP size. One layer is
+resident at a time: each is saved on its own and the saves are joined into one index.
+``--tp`` checks that the model splits at that size and pads the vocabulary as a TP=N run does.
+Config, generation config and tokenizer files are copied into the checkpoint's ``hf/`` directory.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def check_hf_checkpoint(spec, reader) -> None:
 def convert(hf_dir, out_dir, tp: int, dtype: torch.dtype | None = None, force: bool = False,
             show_progress: bool = True) -> dict:
     from megatron_lpreg import checkpointing as ckpt
+    from megatron_lpreg import megatron_layout
     from megatron_lpreg.model import check_tp, padded_vocab_size, parse_hf_config
     from megatron_lpreg.weights import find_param, to_megatron_shard
     from megatron_lpreg.weights.hf_files import HFCheckpoint
@@ -67,9 +71,11 @@ def convert(hf_dir, out_dir, tp: int, dtype: torch.dtype | None = None, force: b
     with cpu_world():
         model = meta_model(spec, dtype, vocab_padding_tp=tp)
         groups = ckpt.model_groups(spec.num_layers)
+        args = megatron_layout.megatron_args(spec, tp_size=tp, dtype=dtype, padded_vocab_size=padded, iteration=0)
         with ckpt.staged_directory(out_dir, overwrite=force) as tmp, \
                 progress(len(groups), "hf -> megatron", show_progress) as bar:
             ckpt.copy_hf_files(hf_dir, tmp / ckpt.HF_DIR)
+            writer = megatron_layout.StreamingWriter(tmp, iteration=0, args=args)
             for group in groups:
                 modules = ckpt.group_modules(model, group)
                 materialise(modules)
@@ -77,10 +83,11 @@ def convert(hf_dir, out_dir, tp: int, dtype: torch.dtype | None = None, force: b
                     for name, p in ckpt.group_parameters(model, group):
                         param = find_param(spec, name)
                         to_megatron_shard(spec, param, reader, 0, 1, padded_vocab=padded, out=p)
-                ckpt.save_group(model, group, tmp)
+                writer.save(model, group)
                 release(modules)
                 bar.update(1)
-            ckpt.write_metadata(tmp, {**metadata, "groups": groups})
+            writer.finish()
+            ckpt.write_metadata(tmp, {**metadata, "layout": "megatron-lm", "iteration": 0})
     return metadata
 
 

@@ -1,19 +1,16 @@
-"""Megatron distributed checkpoints of a GPTModel, written group by group and atomically.
+"""Megatron checkpoints of a GPTModel in Megatron-LM's own layout, written atomically.
 
-Layout of a checkpoint directory::
+Layout of a checkpoint directory (format 2)::
 
-    model/embedding/        one megatron-core dist_checkpointing (torch_dist) checkpoint per group:
-    model/layer_00000/      the embedding, each decoder layer, and the final norm + output layer
-    ...
-    model/final/
-    hf/                     config.json, generation config and tokenizer files of the HF source
-    lpreg_checkpoint.json   metadata; written last, so its presence means "complete"
+    latest_checkpointed_iteration.txt   Megatron-LM's layout (``megatron_layout``): Megatron-LM
+    iter_000000N/                       (``--load DIR --finetune``) and Megatron-Bridge load these two
+    hf/                                 config.json, generation config and tokenizer files of the HF source
+    lpreg_checkpoint.json               our metadata; written last, so its presence means "complete"
 
-Why groups: megatron's whole-model sharded state dict stacks the decoder layers into [L, ...]
-tensors, so one save needs every layer in memory at once. A group per layer lets the converters
-stream (one layer resident), and any TP size can load it, because dist_checkpointing stores global
-tensors and reshards on load. Keys are megatron's, with the two local-spec norm names mapped to the
-Transformer Engine names, so checkpoints written under either layer spec load under the other.
+``iter_000000N`` is one megatron-core torch_dist save of the GPTModel's sharded state dict (decoder
+layers stacked into [L, ...] tensors): dist_checkpointing stores global tensors, so any TP size
+loads it. ``load_model`` also reads checkpoints Megatron-LM or Bridge wrote (no ``hf/``, no marker:
+the model's config comes from elsewhere) and our previous layout (``legacy_layout``).
 
 Atomicity: everything is written into a hidden ``.<name>.partial`` sibling that is renamed into
 place after the metadata is written; an interrupted save leaves no directory that looks complete,
@@ -37,16 +34,9 @@ import torch.distributed as dist
 from megatron_lpreg import faults
 from megatron_lpreg.parallel import barrier, world_group
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: the previous layout (legacy_layout), still read
 MARKER = "lpreg_checkpoint.json"
-MODEL_DIR = "model"
 HF_DIR = "hf"
-
-# local layer spec name -> Transformer Engine spec name (the norm is fused into the next linear)
-_CANONICAL_SUFFIX = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-}
 
 
 # Parameter dtypes by the short names checkpoints record (and the converters' --dtype accepts).
@@ -96,7 +86,7 @@ def _barrier() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# groups
+# groups: the unit a converter materialises (one decoder layer; the embedding; the rest)
 
 
 def layer_group(i: int) -> str:
@@ -121,44 +111,6 @@ def group_modules(model, group: str) -> list[torch.nn.Module]:
     raise CheckpointError(f"unknown checkpoint group {group!r}")
 
 
-def _canonical_key(key: str) -> str:
-    for local, te in _CANONICAL_SUFFIX.items():
-        if key.endswith("." + local):
-            return key[: -len(local)] + te
-    return key
-
-
-def group_sharded_state_dict(model, group: str) -> dict:
-    """megatron-core's sharded state dict of one group's weights (no ``_extra_state`` objects:
-    they hold fp8 metadata of TE layers, which these checkpoints do not carry).
-
-    Dict keys are ``model.state_dict()`` names; the sharded tensors' own keys are the canonical
-    checkpoint keys.
-    """
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    if group.startswith("layer_"):
-        i = int(group[len("layer_"):])
-        sd = model.decoder.layers[i].sharded_state_dict(
-            prefix=f"decoder.layers.{i}.", sharded_offsets=(), metadata=None)
-    elif group == "embedding":
-        sd = model.embedding.sharded_state_dict(prefix="embedding.")
-    elif group == "final":
-        sd = {k: v for k, v in model.sharded_state_dict().items()
-              if not k.startswith(("embedding.", "decoder.layers."))}
-    else:
-        raise CheckpointError(f"unknown checkpoint group {group!r}")
-    out = {}
-    for name, item in sd.items():
-        if name.endswith("_extra_state"):
-            continue
-        if not isinstance(item, (ShardedTensor, ShardedTensorFactory)):
-            raise CheckpointError(f"unexpected {type(item).__name__} for {name!r} in group {group}")
-        item.key = _canonical_key(item.key)
-        out[name] = item
-    return out
-
-
 def group_parameters(model, group: str) -> list[tuple[str, torch.nn.Parameter]]:
     """(model-level name, parameter) of one group; looked up afresh because ``to_empty``
     replaces parameter objects."""
@@ -166,17 +118,7 @@ def group_parameters(model, group: str) -> list[tuple[str, torch.nn.Parameter]]:
     return [(names[id(p)], p) for m in group_modules(model, group) for p in m.parameters()]
 
 
-def save_group(model, group: str, checkpoint_dir: str | os.PathLike) -> None:
-    from megatron.core import dist_checkpointing
-
-    path = Path(checkpoint_dir) / MODEL_DIR / group
-    if _rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    dist_checkpointing.save(group_sharded_state_dict(model, group), str(path))
-
-
-def check_group_files(path: str | os.PathLike) -> None:
+def check_dcp_files(path: str | os.PathLike) -> None:
     """Every shard file a dist_checkpointing directory's index refers to is there and long enough.
 
     A truncated or lost ``.distcp`` file otherwise surfaces as an unpickling or short-read error deep
@@ -203,30 +145,6 @@ def check_group_files(path: str | os.PathLike) -> None:
             raise CheckpointError(f"{shard}: truncated ({have} bytes, the index needs {size})")
 
 
-@torch.no_grad()
-def load_group(model, group: str, checkpoint_dir: str | os.PathLike) -> None:
-    from megatron.core import dist_checkpointing
-
-    path = Path(checkpoint_dir) / MODEL_DIR / group
-    check_group_files(path)
-    sharded = group_sharded_state_dict(model, group)
-    try:
-        loaded = dist_checkpointing.load(sharded, str(path))
-    except load_errors() as e:  # re-raised with the group named; megatron's errors are long
-        raise CheckpointError(f"{path}: cannot load group {group!r} into this model: {first_line(e)}") from e
-    params = group_parameters(model, group)
-    missing = [n for n, _ in params if n not in loaded]
-    if missing:
-        raise CheckpointError(f"{path}: group {group!r} lacks {missing}")
-    for name, param in params:
-        tensor = loaded[name]
-        if tensor.shape != param.shape:
-            raise CheckpointError(
-                f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
-        if tensor.data_ptr() != param.data_ptr():
-            param.copy_(tensor)
-
-
 # ---------------------------------------------------------------------------------------------
 # whole checkpoints
 
@@ -241,8 +159,8 @@ def read_metadata(checkpoint_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
+    if meta.get("format") not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, this code reads 1 and {FORMAT_VERSION}")
     return meta
 
 
@@ -318,40 +236,87 @@ def copy_hf_files(source: str | os.PathLike, dest: str | os.PathLike) -> list[st
     return copied
 
 
-def save_model(
-    model,
-    checkpoint_dir: str | os.PathLike,
-    metadata: dict,
-    *,
-    hf_source: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    on_group: Callable[[str], None] | None = None,
-) -> None:
-    """Save every group of ``model`` (collective), then ``metadata`` as the completeness marker."""
-    groups = model_groups(len(model.decoder.layers))
+def save_model(model, checkpoint_dir: str | os.PathLike, metadata: dict, *, args, iteration: int = 0,
+               hf_source: str | os.PathLike | None = None, overwrite: bool = False) -> None:
+    """Save ``model`` in Megatron-LM's layout with one save (collective), then ``metadata`` as the
+    completeness marker. ``args``: Megatron-LM args (``megatron_layout.megatron_args``)."""
+    from megatron_lpreg import megatron_layout
+
     with staged_directory(checkpoint_dir, overwrite) as tmp:
         if hf_source is not None and _rank() == 0:
             copy_hf_files(hf_source, tmp / HF_DIR)
-        for group in groups:
-            save_group(model, group, tmp)
+        megatron_layout.save_whole(model, tmp, iteration, args)
+        write_metadata(tmp, {**metadata, "layout": "megatron-lm", "iteration": iteration})
+
+
+def describe(checkpoint_dir: str | os.PathLike) -> dict:
+    """Our metadata of a checkpoint, or for a Megatron-LM/Bridge one (no marker) what its args say:
+    ``layout``, ``num_layers``, ``vocab_size`` (None when unknown) and ``iteration_dir``."""
+    from megatron_lpreg import megatron_layout
+
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = read_metadata(checkpoint_dir) if is_complete(checkpoint_dir) else None
+    if meta is not None and meta.get("format") == 1:
+        return {**meta, "layout": "legacy"}
+    try:
+        found = megatron_layout.find_iteration_dir(checkpoint_dir)
+    except megatron_layout.LayoutError as e:
+        raise CheckpointError(str(e)) from None
+    if meta is not None:
+        if found is None:
+            raise CheckpointError(f"{checkpoint_dir}: no {megatron_layout.TRACKER} (an incomplete copy?)")
+        return {**meta, "iteration_dir": found}
+    if found is None:
+        raise CheckpointError(f"{checkpoint_dir}: not a checkpoint (no {MARKER}, no "
+                              f"{megatron_layout.TRACKER}, no torch_dist metadata.json)")
+    args = megatron_layout.read_args(found)
+    return {"layout": "megatron-lm", "iteration_dir": found, "args": args,
+            "num_layers": getattr(args, "num_layers", None), "vocab_size": getattr(args, "vocab_size", None)}
+
+
+def check_files(checkpoint_dir: str | os.PathLike, num_layers: int) -> dict:
+    """A checkpoint (either layout, or Megatron-LM's) holds a ``num_layers`` model and every shard
+    file its index names, whole: read from metadata and file sizes, no tensor loaded. Returns
+    ``describe``'s answer."""
+    from megatron_lpreg import legacy_layout
+
+    meta = describe(checkpoint_dir)
+    held = meta.get("num_layers") or (len(meta["groups"]) - 2 if isinstance(meta.get("groups"), list) else None)
+    if held is not None and held != num_layers:
+        raise CheckpointError(f"{checkpoint_dir}: holds a {held}-layer model ({meta.get('architecture', '?')}), "
+                              f"this model has {num_layers} layers")
+    if meta["layout"] == "legacy":
+        for group in model_groups(num_layers):
+            check_dcp_files(Path(checkpoint_dir) / legacy_layout.MODEL_DIR / group)
+    else:
+        check_dcp_files(meta["iteration_dir"])
+    return meta
+
+
+def load_model(model, checkpoint_dir: str | os.PathLike, on_group: Callable[[str], None] | None = None,
+               vocab_size: int | None = None) -> dict:
+    """Load a checkpoint into ``model`` (any TP size; collective); returns what ``describe`` says.
+    Ours (either layout) or one Megatron-LM / Bridge wrote. ``vocab_size``: the real vocabulary,
+    for a checkpoint that does not record it (padding rows are zeroed)."""
+    from megatron_lpreg import legacy_layout, megatron_layout
+
+    layers = len(model.decoder.layers)
+    meta = check_files(checkpoint_dir, layers)
+    if meta["layout"] == "legacy":
+        for group in model_groups(layers):
+            legacy_layout.load_group(model, group, checkpoint_dir)
             if on_group:
                 on_group(group)
-        write_metadata(tmp, {**metadata, "groups": groups})
-
-
-def load_model(model, checkpoint_dir: str | os.PathLike, on_group: Callable[[str], None] | None = None) -> dict:
-    """Load a complete checkpoint into ``model`` (any TP size; collective); returns its metadata."""
-    meta = read_metadata(checkpoint_dir)
-    groups = model_groups(len(model.decoder.layers))
-    if meta.get("groups") != groups:
-        held = meta.get("num_layers") or (len(meta["groups"]) - 2 if isinstance(meta.get("groups"), list) else "?")
-        raise CheckpointError(f"{checkpoint_dir}: holds a {held}-layer model ({meta.get('architecture', '?')}), "
-                              f"this model has {len(groups) - 2} layers")
-    for group in groups:
-        load_group(model, group, checkpoint_dir)
-        if on_group:
-            on_group(group)
-    zero_vocab_padding(model, int(meta["vocab_size"]))
+    else:
+        try:
+            iter_dir = meta["iteration_dir"]
+            sharded = megatron_layout.model_sharded_state_dict(model, not megatron_layout.stacked(iter_dir))
+            megatron_layout.load_into(model, megatron_layout.weights_only(sharded), iter_dir, "the model")
+        except megatron_layout.LayoutError as e:
+            raise CheckpointError(str(e)) from None
+    vocab = meta.get("vocab_size") or vocab_size
+    if vocab:
+        zero_vocab_padding(model, int(vocab))
     return meta
 
 

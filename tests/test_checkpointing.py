@@ -27,7 +27,8 @@ def _body(ctx, hf_dirs: dict, source: str, target: str, input_ids):
     """Load each family from ``source`` (a checkpoint dir, or None = the HF weights), save it to
     ``target``; return full logits (padding columns included) and, at TP=1, the HF tensors."""
     from megatron_lpreg import checkpointing
-    from megatron_lpreg.model import build_gpt_model, parse_hf_config
+    from megatron_lpreg.megatron_layout import megatron_args
+    from megatron_lpreg.model import build_gpt_model, padded_vocab_size, parse_hf_config
     from megatron_lpreg.weights import find_param, hf_to_megatron_shard, to_hf
     from megatron_lpreg.weights.hf_files import HFCheckpoint
 
@@ -43,7 +44,9 @@ def _body(ctx, hf_dirs: dict, source: str, target: str, input_ids):
         else:
             meta = checkpointing.load_model(model, f"{source}/{family}")
             assert meta["vocab_size"] == spec.vocab_size
-        checkpointing.save_model(model, f"{target}/{family}", {"vocab_size": spec.vocab_size},
+        args = megatron_args(spec, tp_size=ctx.tp_size, dtype=torch.float32, iteration=0,
+                             padded_vocab_size=padded_vocab_size(spec.vocab_size, ctx.tp_size))
+        checkpointing.save_model(model, f"{target}/{family}", {"vocab_size": spec.vocab_size}, args=args,
                                  hf_source=hf_dir)
         logits = _logits(ctx, model, input_ids)
         hf = None

@@ -106,7 +106,7 @@ def _check_checkpoint(key: str, path: Path, spec, *, training: bool) -> None:
     if not path.is_dir():
         raise ConfigError(f"{key}: {path} does not exist")
     try:
-        meta = ckpt.read_metadata(path)
+        ckpt.describe(path)  # not a checkpoint at all: say so before anything else
     except ckpt.CheckpointError as e:
         raise ConfigError(f"{key}: {e}") from None
     hf_config = path / ckpt.HF_DIR / "config.json"
@@ -119,18 +119,13 @@ def _check_checkpoint(key: str, path: Path, spec, *, training: bool) -> None:
             if getattr(held, field) != getattr(spec, field):
                 raise ConfigError(f"{key}: {path} holds a model with {field}={getattr(held, field)!r}, model.path "
                                   f"has {field}={getattr(spec, field)!r} (a checkpoint of another model)")
-    groups = ckpt.model_groups(spec.num_layers)
-    if meta.get("groups") != groups:
-        raise ConfigError(f"{key}: {path} holds {len(meta.get('groups') or [])} weight groups, "
-                          f"a {spec.num_layers}-layer model needs {len(groups)}")
     if training and not (path / "optim").is_dir():
         raise ConfigError(f"{key}: {path} has no optimiser state (optim/): a model checkpoint, not a training "
                           f"checkpoint (start from it with model.load)")
-    dirs = [ckpt.MODEL_DIR] + (["optim"] if training else [])
     try:
-        for sub in dirs:
-            for group in groups:
-                ckpt.check_group_files(path / sub / group)
+        ckpt.check_files(path, spec.num_layers)
+        if training:
+            ckpt.check_dcp_files(path / "optim")
     except ckpt.CheckpointError as e:
         raise ConfigError(f"{key}: {e}") from None
     if training:

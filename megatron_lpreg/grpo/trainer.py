@@ -42,6 +42,7 @@ from megatron_lpreg.policy.metric_sums import MetricSums
 from megatron_lpreg.policy.passes import PolicyContext, on_policy_scores, recompute_logprobs, train
 from megatron_lpreg.policy.setup import load_policy, uses_te
 from megatron_lpreg.policy.throughput import forward_flops, measure_peak_flops
+from megatron_lpreg.megatron_layout import megatron_args
 from megatron_lpreg.policy.training_checkpoint import (
     complete_checkpoints, load_training_checkpoint, prune_checkpoints, record_best, save_training_checkpoint,
     step_dir,
@@ -312,8 +313,10 @@ class GRPOTrainer:
         metadata = ckpt.model_metadata(
             self.spec, source=self.hf_dir, dtype=getattr(torch, self.cfg.model.dtype), tp_size=self.ctx.tp_size,
             padded_vocab_size=int(self.model.embedding.word_embeddings.weight.shape[0]) * self.ctx.tp_size)
+        args = megatron_args(self.spec, tp_size=self.ctx.tp_size, dtype=getattr(torch, self.cfg.model.dtype),
+                             padded_vocab_size=metadata["padded_vocab_size"], iteration=self.step)
         save_training_checkpoint(path, model=self.model, optimizer=self.optimizer, metadata=metadata,
-                                 trainer_state=self.state.state_dict(), hf_source=self.hf_dir)
+                                 trainer_state=self.state.state_dict(), hf_source=self.hf_dir, megatron_args=args)
         best = self.state.best
         if best is not None and best["step"] == self.step:
             record_best(self.run_dir, self.step, best["val/mean"])

@@ -113,7 +113,7 @@ class OptimizerStateMixin:
         parameter of the group of temporary memory: checkpoints are rare.
 
         ``model_sharded`` maps ``model.state_dict()`` names to the model's ShardedTensor /
-        ShardedTensorFactory (e.g. ``checkpointing.group_sharded_state_dict``). Build it afresh
+        ShardedTensorFactory (e.g. ``model.sharded_state_dict()``, weights only). Build it afresh
         for this call: ``dist_checkpointing.save`` replaces factories in the dict it is given.
         """
         from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor

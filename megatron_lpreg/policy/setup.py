@@ -26,7 +26,7 @@ def load_policy(model_cfg, spec: ModelSpec, *, tp_rank: int, tp_size: int, recom
     model = build_gpt_model(spec, getattr(torch, model_cfg.dtype), te,
                             recompute=model_cfg.recompute if recompute is None else recompute)
     if model_cfg.load:
-        ckpt.load_model(model, model_cfg.load)
+        ckpt.load_model(model, model_cfg.load, vocab_size=spec.vocab_size)
     else:
         load_hf_weights(model, spec, Path(model_cfg.path), tp_rank=tp_rank, tp_size=tp_size, te=te)
     return model

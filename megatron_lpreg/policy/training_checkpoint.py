@@ -1,11 +1,12 @@
 """Training checkpoints: model, optimiser, RNG, data position and step, written atomically.
 
-A training checkpoint is a model checkpoint (``megatron_lpreg.checkpointing``: it loads with
-``load_model`` and converts with ``checkpoint_tools.megatron_to_hf``) plus::
+A training checkpoint is a model checkpoint in Megatron-LM's layout (``megatron_lpreg.checkpointing``:
+``iter_<step>/`` + tracker; it loads with ``load_model``, with Megatron-LM's ``--finetune`` and
+Bridge, and converts with ``checkpoint_tools.megatron_to_hf``) plus, beside it, in our own form::
 
-    optim/<group>/        optimiser moments (and fp32 masters) of that group's parameters, saved with
-                          megatron-core dist_checkpointing under the parameters' own sharding, so a run
-                          saved at one TP size resumes at another
+    optim/                optimiser moments (and fp32 masters) of every parameter: one megatron-core
+                          dist_checkpointing save under the parameters' own sharding (layers stacked
+                          as the model's are), so a run saved at one TP size resumes at another
     rng/rank_<r>.pt       torch and megatron RNG states of each rank
     trainer_state.json    step, data-sampler position, best validation score, optimiser counters
 
@@ -80,18 +81,46 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _optim_sharded(model, optimizer, group: str) -> dict:
-    return optimizer.sharded_state_dict(ckpt.group_sharded_state_dict(model, group))
+def _optim_sharded(model, optimizer) -> dict:
+    from megatron_lpreg.megatron_layout import weights_only
+
+    return optimizer.sharded_state_dict(weights_only(model.sharded_state_dict()))
+
+
+def save_optimizer(model, optimizer, directory) -> None:
+    """The optimiser's tensors in one dist_checkpointing save (collective)."""
+    from megatron.core import dist_checkpointing
+
+    if ckpt._rank() == 0:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    ckpt._barrier()
+    dist_checkpointing.save(_optim_sharded(model, optimizer), str(directory))
+
+
+def load_optimizer(model, optimizer, directory) -> None:
+    """Load what ``save_optimizer`` wrote, at any TP size (collective; load the model first)."""
+    from megatron.core import dist_checkpointing
+
+    where = Path(directory)
+    if not (where / "metadata.json").exists():
+        raise ckpt.CheckpointError(f"{where}: missing optimiser state (not a training checkpoint?)")
+    ckpt.check_dcp_files(where)
+    try:
+        loaded = dist_checkpointing.load(_optim_sharded(model, optimizer), str(where))
+    except ckpt.load_errors() as e:  # megatron's messages are long
+        raise ckpt.CheckpointError(f"{where}: cannot load optimiser state: {ckpt.first_line(e)}") from e
+    optimizer.load_sharded_state_dict(loaded)
 
 
 def save_training_checkpoint(path, *, model, optimizer, metadata: dict, trainer_state: dict,
-                             hf_source=None) -> None:
+                             hf_source=None, megatron_args=None) -> None:
     """Write a complete training checkpoint at ``path`` (collective; replaces an existing one).
+    ``megatron_args``: Megatron-LM's args for the model part (``megatron_layout.megatron_args``).
     A failed write (OSError) is a CheckpointError naming the checkpoint that remains the newest."""
     from torch.distributed.checkpoint import CheckpointException
 
     try:
-        _save(Path(path), model, optimizer, metadata, trainer_state, hf_source)
+        _save(Path(path), model, optimizer, metadata, trainer_state, hf_source, megatron_args)
     except (OSError, CheckpointException) as e:  # a full disk, a quota: the partial directory is gone
         found = complete_checkpoints(Path(path).parent.parent)
         kept = f"the newest complete one is still {found[-1][1]}" if found else "there is no earlier complete one"
@@ -108,48 +137,35 @@ def _write_error(e: BaseException) -> str:
     return f"a shard write failed: {words[0]}" if words else "a shard write failed on another rank"
 
 
-def _save(path: Path, model, optimizer, metadata: dict, trainer_state: dict, hf_source) -> None:
-    from megatron.core import dist_checkpointing
+def _save(path: Path, model, optimizer, metadata: dict, trainer_state: dict, hf_source, megatron_args) -> None:
+    from megatron_lpreg import megatron_layout
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    groups = ckpt.model_groups(len(model.decoder.layers))
+    step = trainer_state["step"]
     with ckpt.staged_directory(path, overwrite=True) as tmp:
         if rank == 0:
             if hf_source is not None:
                 ckpt.copy_hf_files(hf_source, tmp / ckpt.HF_DIR)
-            for sub in (OPTIM_DIR, RNG_DIR):
-                (tmp / sub).mkdir()
-        for group in groups:
-            ckpt.save_group(model, group, tmp)
-            if rank == 0:
-                (tmp / OPTIM_DIR / group).mkdir()
-            barrier(world_group())
-            dist_checkpointing.save(_optim_sharded(model, optimizer, group), str(tmp / OPTIM_DIR / group))
-            faults.point("checkpoint_shard")
+            (tmp / RNG_DIR).mkdir()
+        megatron_layout.save_whole(model, tmp, step, megatron_args)
+        faults.point("checkpoint_shard")
+        save_optimizer(model, optimizer, tmp / OPTIM_DIR)
         torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}.pt")
         if rank == 0:
             state = {**trainer_state, "optimizer": optimizer.scalar_state()}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         faults.point("checkpoint_commit")
-        ckpt.write_metadata(tmp, {**metadata, "groups": groups, "step": trainer_state["step"]})
+        ckpt.write_metadata(tmp, {**metadata, "layout": "megatron-lm", "iteration": step, "step": step})
 
 
 def load_training_checkpoint(path, *, model, optimizer) -> dict:
     """Restore model, optimiser and (same world size) RNG from ``path``; returns the trainer state."""
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
-    ckpt.load_model(model, path)
-    for group in ckpt.model_groups(len(model.decoder.layers)):
-        where = path / OPTIM_DIR / group
-        if not (where / "metadata.json").exists():
-            raise ckpt.CheckpointError(f"{where}: missing optimiser state (not a training checkpoint?)")
-        ckpt.check_group_files(where)
-        try:
-            loaded = dist_checkpointing.load(_optim_sharded(model, optimizer, group), str(where))
-        except ckpt.load_errors() as e:  # megatron's messages are long; name the group
-            raise ckpt.CheckpointError(f"{where}: cannot load optimiser state: {ckpt.first_line(e)}") from e
-        optimizer.load_sharded_state_dict(loaded)
+    meta = ckpt.load_model(model, path)
+    if meta["layout"] == "legacy":
+        raise ckpt.CheckpointError(f"{path}: a training checkpoint of the previous layout cannot be resumed; "
+                                   f"start a new run from its weights with model.load: {path}")
+    load_optimizer(model, optimizer, path / OPTIM_DIR)
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError) as e:

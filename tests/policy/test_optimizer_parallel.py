@@ -99,44 +99,30 @@ def _replicas_agree(ctx, model) -> dict[str, bool]:
     return out
 
 
-def _groups(model):
-    from megatron_lpreg import checkpointing
-
-    return checkpointing.model_groups(len(model.decoder.layers))
-
-
 def _save(ctx, model, opt, directory: str, with_model: bool = True) -> None:
-    """The model (unless not ``with_model``) and the optimizer next to it, one dist_checkpointing
-    save per checkpoint group."""
+    """The model (unless not ``with_model``) and the optimizer next to it, as a training checkpoint
+    holds them."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
 
-    from megatron_lpreg import checkpointing
+    from megatron_lpreg.megatron_layout import save_whole
+    from megatron_lpreg.policy.training_checkpoint import save_optimizer
 
-    for group in _groups(model):
-        if with_model:
-            checkpointing.save_group(model, group, directory)
-        path = Path(directory) / "optimizer" / group
-        if ctx.rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        dist_checkpointing.save(opt.sharded_state_dict(checkpointing.group_sharded_state_dict(model, group)),
-                                str(path))
+    if with_model:
+        save_whole(model, Path(directory), 0, None)
+    save_optimizer(model, opt, Path(directory) / "optimizer")
     if ctx.rank == 0:
         (Path(directory) / "optimizer.json").write_text(json.dumps(opt.scalar_state()))
     dist.barrier()
 
 
 def _load(model, opt, directory: str, with_model: bool = True) -> None:
-    from megatron.core import dist_checkpointing
+    from megatron_lpreg import megatron_layout
+    from megatron_lpreg.policy.training_checkpoint import load_optimizer
 
-    from megatron_lpreg import checkpointing
-
-    for group in _groups(model):
-        if with_model:
-            checkpointing.load_group(model, group, directory)
-        sharded = opt.sharded_state_dict(checkpointing.group_sharded_state_dict(model, group))
-        opt.load_sharded_state_dict(dist_checkpointing.load(sharded, str(Path(directory) / "optimizer" / group)))
+    if with_model:
+        iter_dir = megatron_layout.find_iteration_dir(Path(directory) / "iter_0000000")
+        megatron_layout.load_into(model, megatron_layout.weights_only(model.sharded_state_dict()), iter_dir, "model")
+    load_optimizer(model, opt, Path(directory) / "optimizer")
     opt.load_scalar_state(json.loads((Path(directory) / "optimizer.json").read_text()))
 
 

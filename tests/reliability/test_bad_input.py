@@ -77,7 +77,7 @@ def _truncate_shard(good: Path) -> Path:
     if (good.parent / "truncated").exists():
         return good.parent / "truncated"
     path = _ckpt_copy(good, "truncated")
-    shard = next((path / "model" / "layer_00001").glob("*.distcp"))
+    shard = sorted((path / "iter_0000000").glob("*.distcp"))[1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     return path
 
@@ -86,6 +86,13 @@ def _drop(good: Path, name: str, pattern: str) -> Path:
     path = _ckpt_copy(good, name)
     for item in path.glob(pattern):
         shutil.rmtree(item) if item.is_dir() else item.unlink()
+    return path
+
+
+def _no_marker(good: Path) -> Path:
+    """Neither our marker nor Megatron-LM's tracker: what an interrupted save of either leaves."""
+    path = _drop(good, "no_marker", "lpreg_checkpoint.json")
+    (path / "latest_checkpointed_iteration.txt").unlink(missing_ok=True)
     return path
 
 
@@ -101,6 +108,7 @@ def _checkpoint_body(ctx, root: str):
     import torch
 
     from megatron_lpreg import checkpointing
+    from megatron_lpreg.megatron_layout import megatron_args
     from megatron_lpreg.model import build_gpt_model, padded_vocab_size, parse_hf_config
 
     root = Path(root)
@@ -108,12 +116,14 @@ def _checkpoint_body(ctx, root: str):
     meta = checkpointing.model_metadata(spec, source=root / "policy", dtype=torch.float32, tp_size=1,
                                         padded_vocab_size=padded_vocab_size(spec.vocab_size, 1))
     good = root / "ckpts" / "good"
-    checkpointing.save_model(build_gpt_model(spec, torch.float32, use_te=False), good, meta,
+    args = megatron_args(spec, tp_size=1, dtype=torch.float32, padded_vocab_size=meta["padded_vocab_size"],
+                         iteration=0)
+    checkpointing.save_model(build_gpt_model(spec, torch.float32, use_te=False), good, meta, args=args,
                              hf_source=root / "policy")
     broken = {"good": (root / "policy", good), "truncated": (root / "policy", _truncate_shard(good)),
-              "no-shard": (root / "policy", _drop(good, "no_shard", "model/layer_00000/*.distcp")),
-              "no-group": (root / "policy", _drop(good, "no_group", "model/final")),
-              "no-marker": (root / "policy", _drop(good, "no_marker", "lpreg_checkpoint.json")),
+              "no-shard": (root / "policy", _drop(good, "no_shard", "iter_0000000/*.distcp")),
+              "no-group": (root / "policy", _drop(good, "no_group", "iter_0000000")),
+              "no-marker": (root / "policy", _no_marker(good)),
               "other-shape": (root / "narrow", good), "other-layer-count": (root / "deep", good)}
     out = {}
     for name, (model_dir, path) in broken.items():
@@ -349,24 +359,24 @@ CASES = [
               _write_jsonl(e.root / "all_bad.jsonl", [{"x": 1}, {"y": 2}])),
           "all_bad.jsonl: no usable prompt rows: all 2 were skipped", "line 1: field 'prompt': missing field"),
     # ---- checkpoints (preflight reads metadata, shard indexes and file sizes; no model built)
-    _case("ckpt-no-completion-marker", "model.load=<dir without lpreg_checkpoint.json>",
-          lambda e: lambda: _preflight(e, f"model.load={_drop(e.ckpt, 'no_marker', 'lpreg_checkpoint.json')}"),
-          "model.load:", "no_marker: not a complete checkpoint (no lpreg_checkpoint.json)"),
+    _case("ckpt-no-completion-marker", "model.load=<dir without lpreg_checkpoint.json or Megatron-LM's tracker>",
+          lambda e: lambda: _preflight(e, f"model.load={_no_marker(e.ckpt)}"),
+          "model.load:", "no_marker: not a checkpoint (no lpreg_checkpoint.json, no latest_checkpointed_iteration.txt"),
     _case("ckpt-metadata-invalid-json", "lpreg_checkpoint.json cut mid-object",
           lambda e: lambda: _preflight(e, "model.load=" + str(_edit_marker(e.ckpt, "bad_marker", '{"format": 1,'))),
           "model.load:", "bad_marker/lpreg_checkpoint.json: not valid JSON"),
     _case("ckpt-metadata-wrong-format", "lpreg_checkpoint.json: {\"format\": 9}",
           lambda e: lambda: _preflight(e, "model.load=" + str(_edit_marker(e.ckpt, "format9", '{"format": 9}'))),
-          "model.load:", "format9/lpreg_checkpoint.json: format 9, this code reads 1"),
-    _case("ckpt-truncated-shard", "model/layer_00001/*.distcp cut in half",
+          "model.load:", "format9/lpreg_checkpoint.json: format 9, this code reads 1 and 2"),
+    _case("ckpt-truncated-shard", "iter_0000000/ a .distcp cut in half",
           lambda e: lambda: _preflight(e, f"model.load={_truncate_shard(e.ckpt)}"),
-          "model.load:", "truncated/model/layer_00001/", ".distcp: truncated ("),
-    _case("ckpt-missing-shard-file", "model/layer_00000/*.distcp deleted",
-          lambda e: lambda: _preflight(e, f"model.load={_drop(e.ckpt, 'no_shard', 'model/layer_00000/*.distcp')}"),
-          "model.load:", "no_shard/model/layer_00000/", ".distcp: missing shard file"),
-    _case("ckpt-missing-group", "model/final/ deleted",
-          lambda e: lambda: _preflight(e, f"model.load={_drop(e.ckpt, 'no_group', 'model/final')}"),
-          "model.load:", "no_group/model/final: missing (not a complete checkpoint group)"),
+          "model.load:", "truncated/iter_0000000/", ".distcp: truncated ("),
+    _case("ckpt-missing-shard-file", "iter_0000000/*.distcp deleted",
+          lambda e: lambda: _preflight(e, f"model.load={_drop(e.ckpt, 'no_shard', 'iter_0000000/*.distcp')}"),
+          "model.load:", "no_shard/iter_0000000/", ".distcp: missing shard file"),
+    _case("ckpt-missing-group", "iter_0000000/ deleted",
+          lambda e: lambda: _preflight(e, f"model.load={_drop(e.ckpt, 'no_group', 'iter_0000000')}"),
+          "model.load:", "no_group/latest_checkpointed_iteration.txt names iter_0000000, which is not a torch_dist"),
     _case("ckpt-other-model-shape", "checkpoint of hidden 64 into a hidden-32 model",
           lambda e: lambda: _preflight(e, f"model.path={e.root / 'narrow'}",
                                        f"model.load={e.ckpt}"),
@@ -425,10 +435,11 @@ def test_ranks_loading_bad_checkpoints_say_what_is_wrong_in_one_line(env):
     assert got["good"] is None
     expected = {
         "truncated": [".distcp: truncated ("], "no-shard": [".distcp: missing shard file"],
-        "no-group": ["no_group/model/final: missing"], "no-marker": ["no lpreg_checkpoint.json"],
-        # megatron's own shape-mismatch report (a BaseException inside torch), first line, group named
-        "other-shape": ["good/model/layer_00000: cannot load group 'layer_00000' into this model: Global shape "
-                        "mismatch", "expected ((32,))"],
+        "no-group": ["names iter_0000000, which is not a torch_dist checkpoint"],
+        "no-marker": ["no lpreg_checkpoint.json, no latest_checkpointed_iteration.txt"],
+        # the shapes are checked against the checkpoint's index before megatron's loader runs
+        "other-shape": ["good/iter_0000000: embedding.word_embeddings.weight has shape (128, 64), "
+                        "this model's is (128, 32)"],
         "other-layer-count": ["holds a 2-layer model", "this model has 3 layers"],
     }
     for name, parts in expected.items():
