@@ -14,7 +14,6 @@ checkpoints carry them in ``hf/``. Our previous layout (``model/<group>/``) is r
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -23,7 +22,6 @@ from checkpoint_tools.common import (
     DTYPES, ConversionError, cpu_world, materialise, meta_model, progress, release, run_cli,
 )
 
-_HF_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def parse_size(text: str) -> int:
@@ -40,6 +38,7 @@ def convert(ckpt_dir, out_dir, max_shard_bytes: int = 5 * 1024**3, force: bool =
     from megatron_lpreg.model import parse_hf_config
     from megatron_lpreg.weights import find_param, model_params, to_hf
     from megatron_lpreg.weights.hf_files import HFShardWriter
+    from megatron_lpreg.weights.hf_export import set_config_dtype
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     ckpt.check_writable(out_dir, force)  # before any work, not after it
@@ -89,11 +88,7 @@ def convert(ckpt_dir, out_dir, max_shard_bytes: int = 5 * 1024**3, force: bool =
                 bar.update(1)
             total = writer.close()
             ckpt.copy_hf_files(hf_files, tmp)
-            config = json.loads((tmp / "config.json").read_text())
-            config["torch_dtype"] = _HF_DTYPE[name]
-            if "dtype" in config:  # transformers >= 4.56 writes "dtype" as well
-                config["dtype"] = _HF_DTYPE[name]
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            set_config_dtype(tmp / "config.json", dtype)
     return {"architecture": spec.architecture, "num_layers": spec.num_layers, "dtype": name, "bytes": total}
 
 

@@ -44,11 +44,12 @@ def export_hf(model, spec: ModelSpec, hf_source: str | os.PathLike, out_dir: str
             if writer is not None:
                 writer.close()
                 ckpt.copy_hf_files(hf_source, tmp)
-                _set_dtype(tmp / "config.json", params[0][1].dtype)
+                set_config_dtype(tmp / "config.json", params[0][1].dtype)
     return out_dir
 
 
-def _set_dtype(config_path: Path, dtype: torch.dtype) -> None:
+def set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    """An HF config.json states the dtype its weights were written in."""
     config = json.loads(config_path.read_text())
     config["torch_dtype"] = _HF_DTYPE[dtype]
     if "dtype" in config:  # transformers >= 4.56 writes "dtype" as well
