@@ -11,6 +11,7 @@ import yaml
 
 from megatron_lpreg.metrics_file import read_metrics
 from tests.grpo.tiny_run import make_data, make_policy_dir
+from tests.tables import table_row
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,14 +101,6 @@ def test_train_warns_once_when_lp_reg_stays_inactive(tmp_path):
     assert all(r["lpreg/selected"] == 0 for r in read_metrics(tmp_path / "run" / "metrics.jsonl"))
 
 
-def _table_row(text: str, label: str) -> list[str]:
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells and cells[0] == label:
-            return cells
-    raise AssertionError(f"no row for {label!r} in:\n{text}")
-
-
 def test_compare_trains_each_method_and_seed_and_plots_them(tmp_path):
     config = _tiny_run_config(tmp_path, 1, "validation: {{files: [{val_arith}], every: 1, max_tokens: 6}}",
                               "checkpoint: {{every: 0, save_at_end: false}}")
@@ -127,7 +120,7 @@ def test_compare_trains_each_method_and_seed_and_plots_them(tmp_path):
     table = (out / "plots" / "comparison.md").read_text()
     assert "## Per method" in table and table in proc.stdout
     per_method = table.split("## Per method")[1]
-    assert _table_row(per_method, "GRPO")[1] == "2" and _table_row(per_method, "Lp-Reg")[1] == "2"
+    assert table_row(per_method, "GRPO")[1] == "2" and table_row(per_method, "Lp-Reg")[1] == "2"
     for name in ("val_accuracy.png", "entropy.png", "token_probability.png"):
         assert (out / "plots" / name).exists(), name
     proc = _cli("compare", "--methods", "grpo,ppo")

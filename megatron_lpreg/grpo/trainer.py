@@ -184,7 +184,7 @@ class GRPOTrainer:
         if masked is not None:
             sums.add({"mismatch/masked_seqs": masked / max(len(batch), 1)}, weight=len(batch))
         metrics = {**sums.reduce(self.ctx.dp), **optimizer_metrics(trained.steps), **rollout.metrics, **times,
-                   **trained.seconds, **self.memory.metrics(torch.distributed.group.WORLD), "time/rollout": rollout.generate_s,
+                   **trained.seconds, **self.memory.metrics(world_group()), "time/rollout": rollout.generate_s,
                    "time/reward": rollout.reward_s, "refit/mb": refit.bytes / MB,
                    "memory/model_mb": parameter_bytes(self.model) / MB}
         metrics["time/step"] = time.perf_counter() - t0
@@ -225,10 +225,10 @@ class GRPOTrainer:
         indices = next(self.state.sampler)
         per = len(indices) // ctx.dp_size
         records = [self.train_data[i] for i in indices[ctx.dp_rank * per:(ctx.dp_rank + 1) * per]]
-        slot, slots = ctx.dp_rank, ctx.dp_size
+        slot = ctx.dp_rank
         if self.sliced:  # every engine of the world samples with its own seed
             records = records[prompt_slice(len(records), ctx.tp_rank, ctx.tp_size)]
-            slot, slots = ctx.dp_rank * ctx.tp_size + ctx.tp_rank, ctx.world_size
+            slot = ctx.rank
         result = None
         if self.engine_rank:
             prompt_ids, truncated = encode_prompts(records, self.tokenizer, c.data.template, c.data.max_prompt_len)
@@ -400,7 +400,7 @@ class GRPOTrainer:
         skips = self.state.skips
         where = f"{skips.in_a_row} optimiser steps in a row had a non-finite gradient norm " \
                 f"(grpo.max_consecutive_skips={self.cfg.grpo.max_consecutive_skips}), the last at step {self.step}"
-        if weights_finite(self.model, torch.distributed.group.WORLD):  # every rank keeps the same checkpoint
+        if weights_finite(self.model, world_group()):  # every rank keeps the same checkpoint
             kept = self.save() if saved_at != self.step else step_dir(self.run_dir, self.step)
         else:
             found = complete_checkpoints(self.run_dir)

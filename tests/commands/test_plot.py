@@ -13,6 +13,7 @@ import yaml
 from megatron_lpreg.commands import plot
 from megatron_lpreg.commands.plot import plot_runs
 from megatron_lpreg.runs import RunError, load_run, loss_method
+from tests.tables import table_row
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 6
@@ -50,14 +51,6 @@ def _assert_png(path: Path):
     assert len(data) > 5000, (path, len(data))
 
 
-def _table_row(text: str, label: str) -> list[str]:
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells and cells[0] == label:
-            return cells
-    raise AssertionError(f"no row for {label!r} in:\n{text}")
-
-
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
@@ -90,9 +83,9 @@ def test_comparison_first_last_best(two_runs):
     header = ["run", "loss", "val first", "val last", "val best", "best step", "val Δ",
               "entropy first", "entropy last", "entropy Δ", "last step"]
     assert "| " + " | ".join(header) + " |" in text
-    assert _table_row(text, "lp_reg") == ["lp_reg", "lp_reg", "0.2000", "0.4000", "0.4500", "4", "+0.2000",
+    assert table_row(text, "lp_reg") == ["lp_reg", "lp_reg", "0.2000", "0.4000", "0.4500", "4", "+0.2000",
                                           "0.9000", "1.2000", "+0.3000", "6"]
-    assert _table_row(text, "grpo") == ["grpo", "grpo", "0.2000", "0.2100", "0.2500", "2", "+0.0100",
+    assert table_row(text, "grpo") == ["grpo", "grpo", "0.2000", "0.2100", "0.2500", "2", "+0.0100",
                                         "0.9000", "0.1000", "-0.8000", "6"]
     # per data source: aime24 = val - 0.05
     rows = [line for line in text.splitlines() if line.startswith("| aime24 (avg@4) | lp_reg |")]
@@ -119,7 +112,7 @@ def test_missing_metrics_are_skipped(tmp_path):
     assert [p.name for p in written] == ["entropy.png", "summary.png", "comparison.md"]
     assert all(p.parent == run_dir / "plots" for p in written)
     _assert_png(run_dir / "plots" / "summary.png")
-    row = _table_row((run_dir / "plots" / "comparison.md").read_text(), "bare")
+    row = table_row((run_dir / "plots" / "comparison.md").read_text(), "bare")
     assert row[2:5] == ["n/a", "n/a", "n/a"] and row[7:10] == ["1.0000", "0.8000", "-0.2000"]
 
 
@@ -144,8 +137,8 @@ def test_cli_arguments_labels_and_errors(tmp_path, two_runs, capsys):
     assert plot.run(args) == 0
     assert str(out / "summary.png") in capsys.readouterr().out
     text = (out / "comparison.md").read_text()
-    assert _table_row(text, "Lp-Reg")[2:5] == ["0.2000", "0.4000", "0.4500"]
-    assert _table_row(text, "GRPO")[7:9] == ["0.9000", "0.1000"]
+    assert table_row(text, "Lp-Reg")[2:5] == ["0.2000", "0.4000", "0.4500"]
+    assert table_row(text, "GRPO")[7:9] == ["0.9000", "0.1000"]
 
     from megatron_lpreg.commands import USER_ERRORS  # what the CLI reports with exit status 2
 
@@ -210,10 +203,10 @@ def test_seeds_of_a_method_are_drawn_and_tabled_as_mean_and_spread(tmp_path):
             _assert_png(path)
     per_method = (tmp_path / "plots" / "comparison.md").read_text().split("## Per method")[1].split("\n## ")[0]
     # GRPO: best 0.4 and 0.6, last 0.3 and 0.5, entropy first 0.9/0.9, min 0.05/0.15, last 0.05/0.15.
-    assert _table_row(per_method, "GRPO") == ["GRPO", "2", "0.500 ± 0.141", "0.400 ± 0.141", "0.900 ± 0.000",
+    assert table_row(per_method, "GRPO") == ["GRPO", "2", "0.500 ± 0.141", "0.400 ± 0.141", "0.900 ± 0.000",
                                               "0.100 ± 0.071", "0.100 ± 0.071"]
     with pytest.raises(AssertionError):  # a label with one run gets no per-method row
-        _table_row(per_method, "Lp-Reg")
+        table_row(per_method, "Lp-Reg")
     loaded = [load_run(r, "GRPO") for r in runs[:2]]
     steps, mean, low, high = plot.mean_and_spread(loaded, "val/mean")
     assert steps == [0, 2, 4, 6] and mean == pytest.approx([0.2, 0.4, 0.5, 0.4])
