@@ -104,6 +104,22 @@ def _job_init_method():
         ExecutorWithExternalLauncher._distributed_args = original
 
 
+def _shared_memory_segments() -> list[str]:
+    """This rank's shared-memory files of vLLM's CPU TP/PP communicators: vLLM unlinks them only
+    in a destructor at normal process exit (its C++ SHMManager, vllm/csrc/cpu/shm.cpp), which a
+    killed process never reaches, and a later job would then trip on the stale name."""
+    from vllm.distributed import parallel_state
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    paths = []
+    for group in (parallel_state._TP, parallel_state._PP):
+        comm = getattr(group, "device_communicator", None) if group is not None else None
+        shm = getattr(comm, "dist_module", None)
+        if isinstance(shm, _CPUSHMDistributed):
+            paths.append(f"/dev/shm/{shm.group_name}_{comm.rank}")
+    return paths
+
+
 class VLLMEngine:
     """See the module docstring: one engine in a world of one; in a multi-rank world one shard of
     an engine on every rank (constructed together; the ranks of one engine call generate/score
@@ -236,6 +252,7 @@ class VLLMEngine:
         vLLM created it (a world of one without torch.distributed), never the trainer's."""
         from vllm.distributed import parallel_state
 
+        segments = _shared_memory_segments()  # before the shutdown, which drops vLLM's groups
         self.llm.llm_engine.engine_core.shutdown()
         parallel_state.destroy_model_parallel()
         if self._owns_world:
@@ -244,6 +261,9 @@ class VLLMEngine:
         elif parallel_state._WORLD is not None:  # vLLM's world group: its own groups on our world
             parallel_state._WORLD.destroy()
             parallel_state._WORLD = None
+        for path in segments:  # unlinked: the mappings stay valid until vLLM unmaps them at exit
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     # -- inference -------------------------------------------------------------------------------
 
