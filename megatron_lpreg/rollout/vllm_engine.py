@@ -251,16 +251,24 @@ class VLLMEngine:
         """Stop the engine and destroy vLLM's process groups; the torch.distributed world only if
         vLLM created it (a world of one without torch.distributed), never the trainer's."""
         from vllm.distributed import parallel_state
+        from vllm.v1.engine import core
 
-        segments = _shared_memory_segments()  # before the shutdown, which drops vLLM's groups
-        self.llm.llm_engine.engine_core.shutdown()
-        parallel_state.destroy_model_parallel()
-        if self._owns_world:
-            parallel_state.destroy_distributed_environment()
-            self._owns_world = False
-        elif parallel_state._WORLD is not None:  # vLLM's world group: its own groups on our world
-            parallel_state._WORLD.destroy()
-            parallel_state._WORLD = None
+        segments = _shared_memory_segments()
+        # EngineCore.shutdown ends with cleanup_dist_env_and_memory, which destroys the default
+        # process group too: the trainer's world, when there is one. Its other steps are kept.
+        cleanup = core.cleanup_dist_env_and_memory
+        if not self._owns_world:
+            core.cleanup_dist_env_and_memory = lambda *args, **kwargs: None
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            core.cleanup_dist_env_and_memory = cleanup
+        if not self._owns_world:
+            parallel_state.destroy_model_parallel()
+            if parallel_state._WORLD is not None:  # vLLM's world group: groups of its own on our world
+                parallel_state._WORLD.destroy()
+                parallel_state._WORLD = None
+        self._owns_world = False
         for path in segments:  # unlinked: the mappings stay valid until vLLM unmaps them at exit
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -357,12 +357,28 @@ def _verify_body(ctx, directory):
 def test_verify_refit_with_vllm_engine(model_dirs):
     from megatron_lpreg.commands.verify_refit import DEFAULT_THRESHOLD
 
-    # One rank: vLLM runs in-process (a multi-rank world puts it in processes of its own, which
-    # test_live_refit_from_tp2_shards_matches_megatron covers). No tokenizer: seeded prompts.
+    # One rank: the engine of a world of one. No tokenizer: seeded prompts.
     metrics = run_distributed(_verify_body, 1, 1, args=(model_dirs["qwen2"],), timeout_s=400,
                               collective_timeout_s=300)[0]
     print(f"\nverify-refit vllm float32: logprob_abs_diff {metrics['mismatch/logprob_abs_diff']:.2e}, "
           f"token_mult_prob_error {metrics['mismatch/token_mult_prob_error']:.8f}, "
           f"seq_max_abs_diff {metrics['mismatch/seq_max_abs_diff']:.2e} over {metrics['tokens']} tokens")
     assert metrics["engine"] == "vllm" and metrics["tp"] == 1 and metrics["sequences"] == 8
+    assert metrics["layout"] == "spmd" and metrics["refit"] == "shard-to-shard" and metrics["engine_tp"] == 1
     assert metrics["mismatch/seq_max_abs_diff"] < min(TOL, DEFAULT_THRESHOLD)
+
+
+def test_verify_refit_command_line_vllm_tp2(model_dirs):
+    """``megatron-lpreg verify-refit --engine vllm --tp 2`` as a user runs it: its own launcher
+    starts 2 ranks, each an engine shard; every rank scores; one line names layout and refit path."""
+    import re
+
+    from tests.test_cli import _cli
+
+    proc = _cli("verify-refit", "--model", model_dirs["llama"], "--engine", "vllm", "--tp", "2", "--max-tokens", "8",
+                "--threshold", "1e-5", "data.max_prompt_len=32", "rollout.max_tokens=16", timeout=400)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("verify-refit:")]
+    assert len(lines) == 1 and proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print("\n" + lines[0])
+    fields = dict(re.findall(r"(\w+)=(\S+)", lines[0]))
+    assert (fields["layout"], fields["engine_tp"], fields["refit"]) == ("spmd", "2", "shard-to-shard")
