@@ -140,10 +140,11 @@ def _process_state():
     return (random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist(), torch.get_num_threads())
 
 
-def _shm_segments(rank: int) -> set[str]:
-    """This job's, this rank's vLLM shared-memory files (named after MASTER_PORT)."""
-    port = os.environ["MASTER_PORT"]
-    return {n for n in os.listdir("/dev/shm") if n.startswith(port + "-") and n.endswith(f"_{rank}")}
+def _shm_segments(rank: int, engine_tp: int) -> set[str]:
+    """This job's (named after MASTER_PORT), this rank's vLLM shared-memory files."""
+    first = rank - rank % engine_tp
+    mine = f"[{'-'.join(str(r) for r in range(first, first + engine_tp))}]-cpushm_{rank % engine_tp}"
+    return {n for n in os.listdir("/dev/shm") if n.startswith(os.environ["MASTER_PORT"] + "-") and n.endswith(mine)}
 
 
 def _spmd_body(ctx, cases):
@@ -174,10 +175,10 @@ def _spmd_body(ctx, cases):
                            stats.largest_extra_bytes))
         gen = _check_generation(engine)
         same_state = _process_state() == state
-        assert _shm_segments(engine.tp_rank) or engine_tp == 1  # vLLM's CPU TP all-reduce in shared memory
+        assert _shm_segments(ctx.rank, engine_tp) or engine_tp == 1  # vLLM's CPU TP all-reduce in shared memory
         engine.close()
         results[family, engine_tp] = dict(path=refit.path, rounds=rounds, gen=gen, same_state=same_state,
-                                          leaked_shm=sorted(_shm_segments(engine.tp_rank)))
+                                          leaked_shm=sorted(_shm_segments(ctx.rank, engine_tp)))
     return results
 
 
