@@ -1,4 +1,13 @@
-"""Refit from Megatron TP=2 shards into the transformers engine, against a plain memcpy, in one run.
+"""Refit from Megatron TP=2 shards into the rollout engine, against a plain memcpy, in one run.
+
+    python benchmarks/refit_bench.py --engine vllm [--hidden ...] [--repeats 3]   # in the vLLM venv
+
+``--engine vllm``: the same synthetic model into an SPMD vLLM engine of TP=2 (a shard on each rank,
+``rollout/vllm_engine.py``), refit shard-to-shard (``weights/engine_shards.py``): each rank writes
+its own Megatron shards into its own engine shard. Per rank: refit seconds against a memcpy of the
+bytes this rank wrote (``refit/memcpy = X``, the bandwidth ratio), and the peak extra memory of the
+refit (VmHWM reset before it, minus VmRSS; ranks started with MALLOC_MMAP_THRESHOLD_ as below).
+The default (``--engine hf``) is the transformers engine:
 
     python benchmarks/refit_bench.py [--hidden 1024] [--layers 4] [--ffn 5504] [--vocab 151936]
                                      [--bucket-mb 16 64 256 512] [--timing-bucket-mb 512] [--repeats 3]
@@ -273,6 +282,66 @@ def _check(ctx, model, spec, engine):
     return ok if engine is not None else None
 
 
+def _vllm_body(ctx, args, model_dir):
+    """The SPMD vLLM engine: shard-to-shard refits against memcpy of the same bytes, and the peak."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_lpreg.model import build_gpt_model, parse_hf_config
+    from megatron_lpreg.rollout.vllm_engine import VLLMEngine
+    from megatron_lpreg.weights.engine_shards import ShardRefit
+    from megatron_lpreg.weights.stream import RefitStats
+
+    spec = parse_hf_config(model_dir)
+    t0 = time.perf_counter()
+    model = build_gpt_model(spec).eval()
+    engine = VLLMEngine(model_dir, max_model_len=128, load_format="dummy", tensor_parallel_size=ctx.tp_size,
+                        kv_cache_memory_bytes=64 * MB)
+    refit = ShardRefit(engine.shard, ctx.tp)
+    res = dict(setup_s=time.perf_counter() - t0, refit=[], memcpy=[], memcpy_fresh=[],
+               shard_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
+    src = None
+    for i in range(args.repeats + 1):  # the first is a warm-up
+        dist.barrier(group=ctx.tp_group)
+        release_freed_memory()
+        base = resident_bytes()
+        reset_resident_peak()
+        stats = RefitStats()
+        start = time.perf_counter()
+        refit(model, spec, stats=stats)
+        seconds = time.perf_counter() - start
+        peak = resident_peak_bytes() - base
+        if i:
+            res["refit"].append(dict(seconds=seconds, bytes=stats.bytes, peak_extra=peak,
+                                     extra=stats.largest_extra_bytes))
+            s, fresh, src = _memcpy(stats.bytes, src)
+            res["memcpy"].append(s)
+            res["memcpy_fresh"].append(fresh)
+    del src
+    # The engine holds the Megatron weights: its o_proj shard is this rank's linear_proj shard.
+    mine = dict(model.named_parameters())["decoder.layers.0.self_attention.linear_proj.weight"]
+    res["check"] = bool(torch.equal(engine.shard.params["model.layers.0.self_attn.o_proj.weight"], mine))
+    engine.close()
+    return res
+
+
+def report_vllm(results, args, wall_s) -> None:
+    med = statistics.median
+    print(f"synthetic Qwen2 (float32, random), Megatron TP=2 -> SPMD vLLM engine TP=2, shard-to-shard, "
+          f"median of {args.repeats}, 1 thread per rank:")
+    for rank, res in enumerate(results):
+        refit_s, mem_s = med(r["seconds"] for r in res["refit"]), med(res["memcpy"])
+        nbytes = res["refit"][0]["bytes"]
+        print(f"  rank {rank}: {res['shard_bytes'] / 1e9:.3f} GB Megatron shard, {nbytes / 1e9:.3f} GB written; "
+              f"refit {refit_s:.3f} s ({_gbs(nbytes, refit_s):.2f} GB/s), memcpy {mem_s:.3f} s "
+              f"({_gbs(nbytes, mem_s):.2f} GB/s), into a fresh allocation {med(res['memcpy_fresh']):.3f} s")
+        print(f"  rank {rank}: refit/memcpy = {mem_s / refit_s:.3f}   (bandwidth ratio, target >= 0.5)")
+        print(f"  rank {rank}: peak extra memory {max(r['peak_extra'] for r in res['refit']) / MB:.1f} MB measured "
+              f"(VmHWM - VmRSS), {max(r['extra'] for r in res['refit']) / MB:.1f} MB of buffers (target 0); "
+              f"engine holds the refitted weights: {res['check']}")
+    print(f"\nbenchmark wall time {wall_s:.1f} s (model + engine set-up {results[0]['setup_s']:.1f} s)")
+
+
 # ------------------------------------------------------------------------------ report
 def _gbs(nbytes, seconds):
     return nbytes / seconds / 1e9
@@ -358,11 +427,30 @@ def main(argv=None) -> None:
     p.add_argument("--timing-bucket-mb", type=int, default=512, help="bucket for the timed refits (trainer default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are killed")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf")
     args = p.parse_args(argv)
 
     from tests.distributed import run_distributed
 
     start = time.perf_counter()
+    if args.engine == "vllm":
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="refit-bench-") as model_dir:
+            (Path(model_dir) / "config.json").write_text(json.dumps(hf_config(args)))
+            saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+            try:
+                results = run_distributed(_vllm_body, 2, 2, args=(args, model_dir), timeout_s=args.timeout,
+                                          collective_timeout_s=args.timeout)
+            finally:
+                if saved is None:
+                    del os.environ["MALLOC_MMAP_THRESHOLD_"]
+                else:
+                    os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+        report_vllm(results, args, time.perf_counter() - start)
+        return
     res = run_distributed(_timing_body, 2, 2, args=(args,), timeout_s=args.timeout,
                           collective_timeout_s=args.timeout)[0]
     # A second pair of ranks for the memory figures: glibc reads this when a process starts.

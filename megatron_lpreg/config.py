@@ -81,6 +81,7 @@ class RolloutConfig:
     refit_bucket_mb: int = 512  # weights stream into the engine in buckets of at most this size
     refit_shared_memory: bool = True  # hf engine on CPU: each TP rank writes its shards straight into the engine's weights in /dev/shm (no buckets); falls back to buckets where a rank cannot map it
     gpu_memory_utilization: float = 0.5  # vllm, colocated with the trainer
+    tp: int | None = None  # engine tensor-parallel size; None = parallel.tp; must divide parallel.tp; vllm only
 
 
 @dataclass
@@ -319,6 +320,9 @@ def _check(cfg: Config, sources: dict[str, Source]) -> None:
     if cfg.reward.overlong_buffer > cfg.rollout.max_tokens:
         raise ConfigError(f"{where('reward.overlong_buffer')}: {cfg.reward.overlong_buffer} exceeds "
                           f"rollout.max_tokens={cfg.rollout.max_tokens}")
+    if cfg.rollout.tp is not None and (cfg.rollout.tp < 1 or cfg.parallel.tp % cfg.rollout.tp):
+        raise ConfigError(f"{where('rollout.tp')}: {cfg.rollout.tp} must be a positive divisor of "
+                          f"parallel.tp={cfg.parallel.tp}")
     if not 0.0 < cfg.rollout.top_p <= 1.0 or cfg.rollout.temperature < 0:
         raise ConfigError(f"{where('rollout.top_p')}: need 0 < top_p <= 1 and temperature >= 0")
     for key in ("mismatch.tis_cap", "mismatch.mask_seq_abs_diff"):

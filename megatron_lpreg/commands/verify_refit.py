@@ -102,7 +102,9 @@ def run(args) -> int:
 
 
 def summary(metrics: dict, threshold: float, ok: bool) -> str:
+    layout = f"layout={metrics['layout']} " + (f"engine_tp={metrics['engine_tp']} " if "engine_tp" in metrics else "")
     return (f"verify-refit: {'OK' if ok else 'FAIL'} engine={metrics['engine']} tp={metrics['tp']} "
+            f"{layout}refit={metrics['refit']} "
             f"dtype={metrics['dtype']} sequences={metrics['sequences']} tokens={metrics['tokens']} "
             f"logprob_abs_diff={metrics['mismatch/logprob_abs_diff']:.3e} "
             f"token_mult_prob_error={metrics['mismatch/token_mult_prob_error']:.6f} "
@@ -149,7 +151,7 @@ def check(cfg, *, max_tokens: int = 32, seed: int = 0, after_refit=None) -> dict
     """
     from megatron_lpreg.grpo.mismatch import mismatch_metrics
     from megatron_lpreg.model import parse_hf_config
-    from megatron_lpreg.parallel import broadcast_object, init_distributed
+    from megatron_lpreg.parallel import all_gather_object, broadcast_object, init_distributed, world_group
     from megatron_lpreg.policy.setup import load_policy, uses_te
     from megatron_lpreg.rollout.build import build_rollout_engine, rollout_engine_kind
     from megatron_lpreg.rollout.engine import SamplingParams
@@ -162,28 +164,42 @@ def check(cfg, *, max_tokens: int = 32, seed: int = 0, after_refit=None) -> dict
     # Scoring only (no backward): nothing to recompute whatever the run sets.
     model = load_policy(cfg.model, spec, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, recompute="none", te=te).eval()
 
+    kind = rollout_engine_kind(cfg.rollout.engine)
+    spmd = kind == "vllm"  # an engine shard on every rank; else the hf engine on TP rank 0
     engine = None
-    if ctx.tp_rank == 0:
+    if spmd or ctx.tp_rank == 0:
         engine = build_rollout_engine(cfg, hf_dir, spec.max_position_embeddings, None, seed)
     try:
-        EngineRefit(cfg, engine, ctx.tp, ctx.device)(model, spec, te=te)  # as the trainer refits
+        refit = EngineRefit(cfg, engine, ctx.tp, ctx.device)
+        refit(model, spec, te=te)  # as the trainer refits
         scored = None
         if engine is not None:
             if after_refit is not None:
                 after_refit(engine)
+            # Every rank of an engine generates with the same arguments (SPMD); TP rank 0's
+            # samples are then scored by every engine rank of the TP group.
             prompts = _prompt_ids(cfg, spec.vocab_size, seed)
             sampling = SamplingParams(n=SAMPLES_PER_PROMPT, temperature=1.0, max_tokens=max_tokens, seed=seed)
             groups = engine.generate(prompts, sampling)
-            sequences = [p + c.token_ids for p, group in zip(prompts, groups) for c in group]
-            scored = (sequences, engine.score(sequences))
-        sequences, engine_lp = broadcast_object(scored, ctx.tp)
+            scored = [p + c.token_ids for p, group in zip(prompts, groups) for c in group]
+        sequences = broadcast_object(scored, ctx.tp)
+        engine_lp = engine.score(sequences) if engine is not None else None
         ours = megatron_logprobs(model, sequences, spec.vocab_size, ctx.tp, ctx.device)
+        if not spmd:
+            engine_lp = broadcast_object(engine_lp, ctx.tp)
     finally:
         if engine is not None:
             engine.close()
+    metrics, tokens = mismatch_metrics([e.float() for e in engine_lp], ours)
+    # The worst engine rank of the world speaks for all (each compared its own scores).
+    every = all_gather_object(metrics if spmd else None, world_group())
     if ctx.rank != 0:
         return None
-    metrics, tokens = mismatch_metrics([e.float() for e in engine_lp], ours)
-    metrics.update(engine=rollout_engine_kind(cfg.rollout.engine), tp=ctx.tp_size, dtype=cfg.model.dtype,
-                   sequences=len(sequences), tokens=tokens)
+    if spmd:
+        metrics = max(every, key=lambda m: m["mismatch/seq_max_abs_diff"])
+    metrics.update(engine=kind, tp=ctx.tp_size, dtype=cfg.model.dtype, sequences=len(sequences), tokens=tokens,
+                   layout="spmd" if spmd else "sliced" if refit.path == "shared-memory" else "rank0",
+                   refit=refit.path, engine_ranks=len(every) if spmd else 1)
+    if spmd:
+        metrics["engine_tp"] = engine.tp_size
     return metrics

