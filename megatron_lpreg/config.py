@@ -81,6 +81,7 @@ class RolloutConfig:
     refit_bucket_mb: int = 512  # weights stream into the engine in buckets of at most this size
     refit_shared_memory: bool = True  # hf engine on CPU: each TP rank writes its shards straight into the engine's weights in /dev/shm (no buckets); falls back to buckets where a rank cannot map it
     gpu_memory_utilization: float = 0.5  # vllm, colocated with the trainer
+    tp: int | None = None  # vllm engine tensor-parallel size; null: parallel.tp; must divide parallel.tp
 
 
 @dataclass
@@ -329,6 +330,9 @@ def _check(cfg: Config, sources: dict[str, Source]) -> None:
         LRSchedule.from_config(cfg.optim, cfg.grpo.steps)
     except ValueError as e:
         raise ConfigError(f"{where('optim.' + str(e).split('=')[0])}: optim.{e}") from None
+    if cfg.rollout.tp is not None and (cfg.rollout.tp < 1 or cfg.parallel.tp % cfg.rollout.tp):
+        raise ConfigError(f"{where('rollout.tp')}: {cfg.rollout.tp} must divide parallel.tp={cfg.parallel.tp} "
+                          f"(every engine lives inside one trainer replica's TP group)")
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
         raise ConfigError(f"{where('checkpoint.resume')}: auto, never, or a checkpoint path")
 

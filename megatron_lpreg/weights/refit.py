@@ -34,6 +34,13 @@ class EngineRefit:
             self.shared = SharedWeights.attach(engine.model if engine is not None else None, group=tp_group,
                                                dst_rank=0)
 
+    @property
+    def sleep_level(self) -> int:
+        """How deeply the engine may sleep between rollouts: level 2 drops its weights, which every
+        refit rewrites anyway; the shared-memory refit writes through the engine's live weights,
+        which must stay (level 1)."""
+        return 1 if self.shared is not None else 2
+
     def __call__(self, model, spec, te: bool = False):
         """One refit; returns its RefitStats."""
         stats = RefitStats()
