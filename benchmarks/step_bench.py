@@ -9,9 +9,10 @@ Lp-Reg, in alternating order, each from a snapshot of the weights and optimiser 
 afterwards. Comparing the two on identical data and weights, back to back, isolates what Lp-Reg
 adds (the proxy in the log-prob pass; selection and the regulariser in the loss) from rollout noise.
 
-Where every TP rank has an engine (the transformers engine on CPU at TP > 1: each rank generates a
-slice of the prompts), the step's prompts are also generated twice more, in alternating order: by
-every rank, and by TP rank 0 alone as before (the others waiting), to time what slicing gains.
+Where every TP rank has an engine of its own (the transformers engine on CPU at TP > 1, or vLLM with
+``rollout.tp=1`` under TP > 1: each rank generates a slice of the prompts), the step's prompts are
+also generated twice more, in alternating order: by every rank, and by TP rank 0's engine alone (the
+others waiting), to time what slicing gains.
 """
 
 from __future__ import annotations
@@ -62,20 +63,24 @@ def _timed_rollouts(trainer, step: int) -> tuple[float, float]:
     """Seconds to generate and grade the step's prompts with every TP rank's engine (slices), then
     with TP rank 0's alone; the sampler is rewound so both draw the same prompts."""
     from megatron_lpreg.parallel import barrier, world_group
+    from megatron_lpreg.rollout.layout import RolloutLayout
 
+    ctx, every = trainer.ctx, trainer.layout
+    first = ctx.tp_rank == 0
+    rank0 = RolloutLayout("rank0", 1, first, first, 0, 1, ctx.dp_rank, ctx.dp_size)
     sampler_state = trainer.state.sampler.state_dict()
     seconds = {}
-    order = (True, False) if step % 2 == 0 else (False, True)
-    for sliced in order:
+    order = (every, rank0) if step % 2 == 0 else (rank0, every)
+    for layout in order:
         trainer.state.sampler.load_state_dict(sampler_state)
-        trainer.sliced, trainer.engine_rank = sliced, sliced or trainer.ctx.tp_rank == 0
+        trainer.layout = layout
         barrier(world_group())
         start = time.perf_counter()
         trainer.generate(step)
-        seconds[sliced] = time.perf_counter() - start
-    trainer.sliced = trainer.engine_rank = True
+        seconds[layout.name] = time.perf_counter() - start
+    trainer.layout = every
     trainer.state.sampler.load_state_dict(sampler_state)
-    return seconds[True], seconds[False]
+    return seconds[every.name], seconds["rank0"]
 
 
 def _timed_learn(trainer, batch, loss_cfg) -> float:
@@ -118,7 +123,7 @@ def main(argv=None) -> None:
         with GRPOTrainer(cfg) as trainer:
             trainer.train_step()  # warm-up: first-call costs (allocator, lazy imports, reward workers)
             for i in range(args.steps):
-                if trainer.sliced:
+                if trainer.layout.slices > 1:  # engines of one rank each: rank 0's alone is comparable
                     rollouts.append(_timed_rollouts(trainer, trainer.step + 1))
                 # The paired measurement draws the next rollout itself, then rewinds the sampler so
                 # the real step below trains on exactly that batch.

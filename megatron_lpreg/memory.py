@@ -98,8 +98,9 @@ def parameter_bytes(model) -> int:
 class PhasePeaks:
     """Per-phase peak and rise of this process's memory: ``with peaks.phase("train"): ...``.
 
-    ``metrics(group)`` returns ``memory/peak_<phase>_mb`` and ``memory/rise_<phase>_mb`` for the
-    phases measured since the last call, each the maximum over the ranks of ``group``.
+    ``metrics(group)`` returns ``memory/peak_<phase>_mb``, ``memory/rise_<phase>_mb`` and
+    ``memory/end_<phase>_mb`` (what the process, or on CUDA the whole device, holds when the phase
+    ends) for the phases measured since the last call, each the maximum over the ranks of ``group``.
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
@@ -127,9 +128,14 @@ class PhasePeaks:
             if self.cuda:
                 torch.cuda.synchronize(self.device)
                 peak = torch.cuda.max_memory_allocated(self.device)
+                # What the whole device holds at the phase's end, vLLM's own pool included (torch's
+                # allocator statistics do not see it): an engine asleep through training shows here.
+                free, total = torch.cuda.mem_get_info(self.device)
+                used = total - free
             else:
                 peak = resident_peak_bytes()
-            self._peaks[name] = (peak, max(peak - start, 0))
+                used = resident_bytes()
+            self._peaks[name] = (peak, max(peak - start, 0), used)
 
     def metrics(self, group=None) -> dict[str, float]:
         """The phases measured since the last call, in MB, max over ``group`` (collective: every
@@ -145,6 +151,8 @@ class PhasePeaks:
             values = values.cpu()
         out = {}
         for i, n in enumerate(names):
-            out[f"memory/peak_{n}_mb"] = float(values[2 * i]) / MB
-            out[f"memory/rise_{n}_mb"] = float(values[2 * i + 1]) / MB
+            peak, rise, used = values[3 * i:3 * i + 3].tolist()
+            out[f"memory/peak_{n}_mb"] = peak / MB
+            out[f"memory/rise_{n}_mb"] = rise / MB
+            out[f"memory/end_{n}_mb"] = used / MB
         return out

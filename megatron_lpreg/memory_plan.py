@@ -34,12 +34,14 @@ GQA and no dropout masks:
 Plus the final-norm and output-layer inputs 2 h a, and the logits shard T V'/t a three times (kept
 for the loss backward, its gradient, the copy of GPTModel's transpose) + the loss's fp32 chunks.
 
-vLLM engine, colocated at the training TP: it reserves util * memory, holding its weights (a P),
-~2 GiB of runtime (profiling peak, sampler, CUDA graphs) and the KV cache at 2 L kv_heads/t
-head_dim kv_bytes per token. One engine per DP replica generates prompts_per_step/dp * n sequences
-of prompt + response tokens; fewer KV tokens than that means waves (slower, not an OOM); fewer than
-one sequence means vLLM refuses to start. Asleep (level 1: KV cache freed, weights offloaded to the
-CPU) it keeps ~0.5 GiB.
+vLLM engine, colocated as the trainer runs it (rollout/layout.py): every GPU holds its shard of an
+engine of e = rollout.tp GPUs (default e = t; e divides t), so a DP replica hosts t/e engines. Each
+reserves util * memory per GPU, holding its weight shard (a P_e, P_e the parameters on one GPU at TP
+e), ~2 GiB of runtime (profiling peak, sampler, CUDA graphs) and the KV cache at 2 L kv_heads/e
+head_dim kv_bytes per token. One engine generates prompts_per_step/(dp t/e) * n sequences of prompt +
+response tokens; fewer KV tokens than that means waves (slower, not an OOM); fewer than one sequence
+means vLLM refuses to start. Asleep from the end of the rollout to the refit (level 2: KV cache and
+weights freed, the refit rewrites every weight) it keeps ~0.5 GiB.
 
 Peaks, each + 3 GiB of CUDA context, NCCL buffers and allocator slack:
     training micro-batch = 18 B/param state + activations + asleep engine
@@ -58,7 +60,7 @@ from megatron_lpreg.model.build import RECOMPUTE
 GIB = 1024**3
 CUDA_OVERHEAD_GIB = 3.0  # CUDA context, NCCL buffers, caching-allocator fragmentation
 ENGINE_RUNTIME_GIB = 2.0  # vLLM's profiled activation peak, sampler and CUDA graphs
-ENGINE_ASLEEP_GIB = 0.5  # what a level-1-asleep engine keeps on the GPU
+ENGINE_ASLEEP_GIB = 0.5  # what an asleep engine keeps on the GPU (its runtime's leftovers)
 LOSS_CHUNK_BYTES = 3 * (4 << 20)  # the loss's fp32 chunk workspaces (loss/shards.DEFAULT_CHUNK_BYTES)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -157,6 +159,9 @@ class Plan:
     activations_gib: float
     # rollout engine
     gpu_memory_utilization: float
+    engine_tp: int  # rollout.tp: GPUs per engine
+    engines: int  # engines in the world (dp x tp / engine_tp)
+    engine_params_per_gpu: int
     engine_reserved_gib: float
     engine_weights_gib: float
     engine_runtime_gib: float
@@ -189,12 +194,20 @@ class Plan:
 def estimate(spec: ModelSpec, *, tp: int, dp: int, dtype_bytes: int, micro_batch_tokens: int,
              max_prompt_len: int, max_response_len: int, rollout_n: int, prompts_per_step: int,
              kv_cache_dtype_bytes: int, gpu_memory_gib: float, gpu_memory_utilization: float,
-             recompute: str = "full", flash_attention: bool = True, distributed_optimizer: bool = True) -> Plan:
-    """The per-GPU memory of a run (pure; formulas in the module docstring).
+             recompute: str = "full", flash_attention: bool = True, distributed_optimizer: bool = True,
+             engine_tp: int | None = None) -> Plan:
+    """The per-GPU memory of a run (pure; formulas in the module docstring). ``engine_tp``:
+    rollout.tp, the vLLM engine's TP (default ``tp``).
 
-    Raises ModelConfigError if ``tp`` does not split the model, ValueError on a bad argument.
+    Raises ModelConfigError if ``tp`` or ``engine_tp`` does not split the model, ValueError on a bad
+    argument (an ``engine_tp`` that does not divide ``tp`` among them: the trainer refuses it).
     """
     check_tp(spec, tp)
+    engine_tp = tp if engine_tp is None else engine_tp
+    if engine_tp < 1 or tp % engine_tp:
+        raise ValueError(f"rollout.tp={engine_tp} must divide tp={tp} (every engine lives inside one "
+                         f"trainer replica's TP group)")
+    check_tp(spec, engine_tp)
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute={recompute!r}: expected one of {list(RECOMPUTE)}")
     if dp < 1 or min(micro_batch_tokens, max_prompt_len, max_response_len, rollout_n, prompts_per_step) < 1:
@@ -224,11 +237,14 @@ def estimate(spec: ModelSpec, *, tp: int, dp: int, dtype_bytes: int, micro_batch
     activations = layers + working + logits
 
     reserved = gpu_memory_utilization * mem
-    engine_weights = weights  # same shards, same dtype
-    kv_per_token = 2 * spec.num_layers * max(1, spec.num_kv_heads // tp) * spec.head_dim * kv_cache_dtype_bytes
+    engine_params = P if engine_tp == tp else count_parameters(spec, engine_tp).per_gpu
+    engine_weights = a * engine_params / GIB
+    kv_per_token = 2 * spec.num_layers * max(1, spec.num_kv_heads // engine_tp) * spec.head_dim * kv_cache_dtype_bytes
     kv_gib = max(0.0, reserved - engine_weights - ENGINE_RUNTIME_GIB)
     kv_tokens = int(kv_gib * GIB // kv_per_token)
-    per_engine = math.ceil(prompts_per_step / dp) * rollout_n * seq
+    engines = dp * (tp // engine_tp)
+    engine_prompts = math.ceil(prompts_per_step / engines)
+    per_engine = engine_prompts * rollout_n * seq
     waves = math.ceil(per_engine / kv_tokens) if kv_tokens else 0
 
     training_peak = state + activations + ENGINE_ASLEEP_GIB + CUDA_OVERHEAD_GIB
@@ -268,7 +284,7 @@ def estimate(spec: ModelSpec, *, tp: int, dp: int, dtype_bytes: int, micro_batch
                       f"{min_util:.2f}, larger TP, or shorter lengths")
     elif waves > 1:
         warnings.append(f"the vLLM KV cache holds {kv_tokens:,} tokens, one rollout batch needs {per_engine:,} "
-                        f"({math.ceil(prompts_per_step / dp)} prompts x {rollout_n} x {seq:,}): generation runs in "
+                        f"({engine_prompts} prompts x {rollout_n} x {seq:,}): generation runs in "
                         f"~{waves} waves (slower, not an OOM)")
     if prompts_per_step % dp:
         errors.append(f"grpo.prompts_per_step={prompts_per_step} is not divisible by dp={dp}: the trainer refuses")
@@ -280,7 +296,8 @@ def estimate(spec: ModelSpec, *, tp: int, dp: int, dtype_bytes: int, micro_batch
         weights_gib=weights, grads_gib=grads, master_gib=master, adam_gib=adam, step_temporaries_gib=step_tmp,
         distributed_optimizer_state_gib=dist_state, activation_tokens=T, layer_activations_gib=layers,
         recompute_working_gib=working, logits_gib=logits, activations_gib=activations,
-        gpu_memory_utilization=gpu_memory_utilization, engine_reserved_gib=reserved,
+        gpu_memory_utilization=gpu_memory_utilization, engine_tp=engine_tp, engines=engines,
+        engine_params_per_gpu=engine_params, engine_reserved_gib=reserved,
         engine_weights_gib=engine_weights, engine_runtime_gib=ENGINE_RUNTIME_GIB, kv_cache_gib=kv_gib,
         kv_bytes_per_token=kv_per_token, kv_cache_tokens=kv_tokens, sequence_tokens=seq,
         rollout_tokens_per_engine=per_engine, rollout_waves=waves, engine_asleep_gib=ENGINE_ASLEEP_GIB,
@@ -299,6 +316,6 @@ def fitting_tps(spec: ModelSpec, tp: int, world: int, inputs: dict) -> list[int]
         try:
             if estimate(spec, tp=other, **{**inputs, "dp": world // other}).fits:
                 out.append(other)
-        except ModelConfigError:
+        except (ModelConfigError, ValueError):  # e.g. a rollout.tp that does not divide it
             continue
     return out

@@ -1,19 +1,23 @@
 """How long a GRPO step takes, from the model's FLOPs and bytes at stated assumptions: estimates.
 
-The layout is the colocated one: every GPU of a DP replica holds its shard of the replica's engine
-(engine TP = training TP), so each phase uses all G GPUs. With S = prompts_per_step x n sequences
+The layout is the colocated one the trainer runs (rollout/layout.py): every GPU holds its shard of an
+engine of e = rollout.tp GPUs (default: the training TP), so each phase uses all G GPUs. With S =
+prompts_per_step x n sequences
 of mean prompt length p and mean response length r (``mean_response_len``, default half the maximum):
 
 rollout   prefill: forward FLOPs of the S prompts / (G x peak x ``prefill_mfu``) (compute bound).
-          decode: each replica decodes its S / dp sequences in ``waves`` (memory_plan's KV-cache
-          capacity) of r iterations. An iteration reads the engine's weight shard and the KV cache of
+          decode: each of the dp t / e engines decodes its share of the S sequences in ``waves``
+          (memory_plan's KV-cache capacity) of r iterations. An iteration reads the engine's weight
+          shard and the KV cache of
           the sequences in flight (context p + r / 2 on average) from HBM, at ``hbm_tbps`` x
           ``decode_efficiency``, or is compute bound at ``prefill_mfu`` when that is slower.
 log-prob  forward FLOPs of the S sequences (LM head at the r response positions) / (G x peak x ``mfu``);
           0 on-policy, where the training forward gives the old log-probs (policy/passes.py).
 train     3 forwards (forward + backward), 4 with full recomputation, per epoch, at ``mfu``.
-refit     each GPU copies its own weight shard into its engine shard (a x P / tp bytes read and
-          written) at ``hbm_tbps`` x ``decode_efficiency``; no gather.
+refit     e = t: each GPU copies its own weight shard into its engine shard (a x P / t bytes read
+          and written) at ``hbm_tbps`` x ``decode_efficiency``; no gather. e < t: each GPU writes its
+          larger engine shard (a x P_e) the same way; the gather over the TP group (NVLink) that
+          feeds it is not counted.
 
 tokens/s/GPU = S (p + r) / (step time x G), NeMo-RL's definition of its step throughput.
 """
@@ -51,6 +55,7 @@ class StepTime:
     logprob_s: float
     train_s: float
     refit_s: float
+    refit_path: str = "in place, shard to shard"
 
     @property
     def rollout_s(self) -> float:
@@ -89,14 +94,14 @@ def estimate_step_time(spec: ModelSpec, plan: Plan, *, prompts_per_step: int, ro
     sequences = prompts_per_step * rollout_n
 
     prefill = forward_flops(spec, [p] * sequences, head_positions=sequences) / (gpus * peak * prefill_mfu)
-    # One decode iteration of one replica, per GPU of it: its weight shard, and the KV cache of the
+    # One decode iteration of one engine, per GPU of it: its weight shard, and the KV cache of the
     # sequences in flight at the mean context, read once; the FLOPs of one token per sequence.
-    per_replica = -(-sequences // plan.dp)
-    in_flight = min(per_replica, max(1, plan.kv_cache_tokens // max(p + r, 1)))
-    waves = -(-per_replica // in_flight)
-    weight_bytes = dtype_bytes * plan.params_per_gpu
+    per_engine = -(-sequences // plan.engines)
+    in_flight = min(per_engine, max(1, plan.kv_cache_tokens // max(p + r, 1)))
+    waves = -(-per_engine // in_flight)
+    weight_bytes = dtype_bytes * plan.engine_params_per_gpu
     kv_bytes = in_flight * (p + r / 2) * plan.kv_bytes_per_token
-    flops = in_flight * (linear_flops_per_token(spec) + 2.0 * spec.hidden_size * spec.vocab_size) / plan.tp
+    flops = in_flight * (linear_flops_per_token(spec) + 2.0 * spec.hidden_size * spec.vocab_size) / plan.engine_tp
     iteration = max((weight_bytes + kv_bytes) / bandwidth, flops / (peak * prefill_mfu))
     decode = waves * r * iteration
 
@@ -110,7 +115,9 @@ def estimate_step_time(spec: ModelSpec, plan: Plan, *, prompts_per_step: int, ro
         assumptions=dict(peak_tflops=peak_tflops, hbm_tbps=hbm_tbps, mfu=mfu, prefill_mfu=prefill_mfu,
                          decode_efficiency=decode_efficiency, decode_waves=waves, sequences_in_flight=in_flight),
         rollout_prefill_s=prefill, rollout_decode_s=decode, logprob_s=0.0 if on_policy else scoring,
-        train_s=train, refit_s=refit)
+        train_s=train, refit_s=refit,
+        refit_path="in place, shard to shard" if plan.engine_tp == plan.tp else
+        f"gathered over TP {plan.tp}, written into engine TP {plan.engine_tp} (the gather is not counted)")
 
 
 def format_step_time(t: StepTime) -> str:
@@ -125,7 +132,7 @@ def format_step_time(t: StepTime) -> str:
         f"  rollout   {t.rollout_s:9.1f} s   (prefill {t.rollout_prefill_s:.1f} s, decode {t.rollout_decode_s:.1f} s)",
         f"  log-prob  {t.logprob_s:9.1f} s" + ("   (on-policy: from the training forward)" if t.on_policy else ""),
         f"  train     {t.train_s:9.1f} s",
-        f"  refit     {t.refit_s:9.2f} s   (in place, shard to shard)",
+        f"  refit     {t.refit_s:9.2f} s   ({t.refit_path})",
         f"  step      {t.step_s:9.1f} s   -> {t.tokens_per_s_per_gpu:,.0f} tokens/s/GPU",
         f"  for scale: {NEMO_RL_QWEN3_32B[0]}: {NEMO_RL_QWEN3_32B[1]:g} tokens/s/GPU (other settings)",
     ]

@@ -128,8 +128,8 @@ def run(args) -> int:
                             function=r.function or None) as pool:
                 scores = validate(engine, pool, tokenizer, records, prompt_ids, v,
                                   max_tokens=v.max_tokens or cfg.rollout.max_tokens,
-                                  stop_ids=stop_token_ids(tokenizer, Path(tok_dir)), seed=args.seed, dp_rank=0,
-                                  dp_size=1, dp_group=None, on_engine_rank=True, responses=graded)
+                                  stop_ids=stop_token_ids(tokenizer, Path(tok_dir)), seed=args.seed, slot=0,
+                                  slots=1, group=None, has_engine=True, responses=graded)
         finally:
             engine.close()
     finally:

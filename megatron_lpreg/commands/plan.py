@@ -120,12 +120,14 @@ def run(args) -> int:
         gpu_memory_gib=args.gpu_memory_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         recompute=args.recompute or cfg.model.recompute, flash_attention=args.attention == "flash",
         distributed_optimizer=cfg.optim.distributed_optimizer if args.distributed_optimizer is None
-        else args.distributed_optimizer,
+        else args.distributed_optimizer, engine_tp=cfg.rollout.tp,
     )
     try:
         plan = estimate(spec, tp=tp, **inputs)
     except ModelConfigError as e:
         raise ConfigError(f"--tp: {e}") from None
+    except ValueError as e:  # settings the trainer would refuse
+        raise ConfigError(str(e)) from None
     if cfg.grpo.mini_batch_prompts % inputs["dp"]:
         plan.errors.append(f"grpo.mini_batch_prompts={cfg.grpo.mini_batch_prompts} is not divisible by "
                            f"dp={inputs['dp']}: the trainer refuses")
@@ -188,13 +190,13 @@ def format_plan(plan: Plan, name: str, spec: ModelSpec, nodes: int, gpus_per_nod
     if plan.recompute == "full":
         row("  one layer recomputed", plan.recompute_working_gib)
     row("  logits shard, gradient, copy", plan.logits_gib)
-    row(f"vLLM engine (tp {plan.tp}, gpu_memory_utilization {plan.gpu_memory_utilization:.2f})",
-        plan.engine_reserved_gib, "reserved while awake")
+    row(f"vLLM engine shard (engine tp {plan.engine_tp}, {plan.engines} engines; gpu_memory_utilization "
+        f"{plan.gpu_memory_utilization:.2f})", plan.engine_reserved_gib, "reserved while awake")
     row("  weights", plan.engine_weights_gib)
     row("  runtime (profile peak, sampler, graphs)", plan.engine_runtime_gib)
     row("  KV cache", plan.kv_cache_gib,
         f"{plan.kv_cache_tokens:,} tokens at {plan.kv_bytes_per_token / 1024:g} KiB/token")
-    row("  asleep (level 1) during training", plan.engine_asleep_gib)
+    row("  asleep (level 2) from rollout end to refit", plan.engine_asleep_gib)
     row("CUDA context, NCCL, allocator slack", plan.overhead_gib)
 
     def status(gib: float) -> str:
@@ -207,8 +209,8 @@ def format_plan(plan: Plan, name: str, spec: ModelSpec, nodes: int, gpus_per_nod
         f"{plan.params_per_gpu / 1e9:.3f} B per GPU",
         f"world: {nodes} nodes x {gpus_per_node} GPUs = {plan.tp * plan.dp} GPUs of {mem:g} GiB; "
         f"tp {plan.tp} x dp {plan.dp}" + (f" (assumed, not given: {', '.join(assumed)})" if assumed else ""),
-        f"tokens per step: up to {plan.tokens_per_step:,} ({per_engine:,} per DP replica, sequences of "
-        f"up to {plan.sequence_tokens:,}); the KV cache holds {plan.kv_cache_tokens:,} per replica"
+        f"tokens per step: up to {plan.tokens_per_step:,} ({per_engine:,} per engine, sequences of "
+        f"up to {plan.sequence_tokens:,}); the KV cache holds {plan.kv_cache_tokens:,} per engine"
         + (f" (~{plan.rollout_waves} waves)" if plan.rollout_waves > 1 else ""),
         "",
         f"{'per GPU':<{width}}{'GiB':>8}",

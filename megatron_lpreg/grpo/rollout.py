@@ -41,11 +41,14 @@ class GradedRollout:
 
 
 def generate_and_grade(engine, pool, tokenizer, prompt_ids: list[list[int]], records: list,
-                       sampling: SamplingParams) -> GradedRollout:
+                       sampling: SamplingParams, grade: bool = True) -> GradedRollout | None:
     """Run on the engine's rank: sample, decode (special tokens dropped) and grade against each
-    prompt's ``PromptRecord`` (its ground truth; a custom reward also gets its source and extras)."""
+    prompt's ``PromptRecord`` (its ground truth; a custom reward also gets its source and extras).
+    ``grade=False``: only join the engine's generate call (a vLLM shard whose leader grades): None."""
     start = time.perf_counter()
     groups = engine.generate(prompt_ids, sampling)
+    if not grade:
+        return None
     completions = [c for group in groups for c in group]
     generated = time.perf_counter()
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
@@ -59,6 +62,8 @@ def generate_and_grade(engine, pool, tokenizer, prompt_ids: list[list[int]], rec
 
 def merge_rollouts(parts: list[GradedRollout]) -> GradedRollout:
     """The slices of one replica's prompts, generated side by side, as one rollout in slice order."""
+    if len(parts) == 1:
+        return parts[0]
     def joined(name: str) -> list:
         return [x for part in parts for x in getattr(part, name)]
 

@@ -47,7 +47,8 @@ from megatron_lpreg.policy.training_checkpoint import (
     complete_checkpoints, load_training_checkpoint, prune_checkpoints, record_best, save_training_checkpoint,
     step_dir,
 )
-from megatron_lpreg.rollout.build import build_rollout_engine
+from megatron_lpreg.rollout.build import build_rollout_engine, rollout_engine_kind
+from megatron_lpreg.rollout.layout import rollout_layout
 from megatron_lpreg.rollout.engine import SamplingParams, stop_token_ids
 from megatron_lpreg.samples import SampleFile, sample_rows
 from megatron_lpreg.weights.refit import EngineRefit, shares_engine_memory
@@ -108,18 +109,21 @@ class GRPOTrainer:
         self.state = TrainerState(PromptSampler(len(self.train_data), g.prompts_per_step, g.seed, shuffle=d.shuffle),
                                   SkipCounter(g.max_consecutive_skips), world_size=ctx.world_size, tp_size=ctx.tp_size)
 
-        # TP rank 0 hosts the replica's engine; where the group can share one copy of its weights,
-        # every TP rank runs an engine on that copy and generates a slice of the prompts.
+        # Every rank that may host (a shard of) an engine builds it: vLLM's ranks build theirs
+        # together; the transformers engine runs on TP rank 0, or on every TP rank where the group
+        # maps one copy of its weights (then each samples a slice of the prompts).
+        kind = rollout_engine_kind(cfg.rollout.engine)
         self.engine = self.pool = None
-        if ctx.tp_rank == 0 or shares_engine_memory(cfg, ctx.device):
+        if kind == "vllm" or ctx.tp_rank == 0 or shares_engine_memory(cfg, ctx.device):
             self.engine = build_rollout_engine(cfg, self.hf_dir, self.spec.max_position_embeddings, pad_id, g.seed)
         self.refitter = EngineRefit(cfg, self.engine, ctx.tp, ctx.device)
-        if self.refitter.shared is None and ctx.tp_rank != 0 and self.engine is not None:
+        self.layout = rollout_layout(kind, tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank,
+                                     dp_size=ctx.dp_size, engine_tp=cfg.rollout.tp,
+                                     shared_weights=self.refitter.shared is not None)
+        if self.engine is not None and not self.layout.has_engine:
             self.engine.close()  # no shared memory after all: TP rank 0 generates alone
             self.engine = None
-        self.engine_rank = self.engine is not None
-        self.sliced = self.engine_rank and ctx.tp_size > 1 and self.refitter.shared is not None
-        if self.engine_rank:
+        if self.layout.leader:
             r = cfg.reward
             self.pool = RewardPool(r.num_workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb,
                                    function=r.function or None)
@@ -154,6 +158,8 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         with self._phase("rollout", times, step):
             rollout, truncated = self.generate(step)
+            if self.engine is not None:  # its memory goes to scoring and training; the refit wakes it
+                self.engine.sleep(self.refitter.sleep_level)
         if self.samples.enabled:
             self.samples.write(sample_rows(rollout, self.tokenizer, step=step, kind="train",
                                            limit=c.logging.samples_per_step))
@@ -225,24 +231,21 @@ class GRPOTrainer:
         indices = next(self.state.sampler)
         per = len(indices) // ctx.dp_size
         records = [self.train_data[i] for i in indices[ctx.dp_rank * per:(ctx.dp_rank + 1) * per]]
-        slot = ctx.dp_rank
-        if self.sliced:  # every engine of the world samples with its own seed
-            records = records[prompt_slice(len(records), ctx.tp_rank, ctx.tp_size)]
-            slot = ctx.rank
+        lay = self.layout
+        records = records[prompt_slice(len(records), lay.slice_index, lay.slices)]
         result = None
-        if self.engine_rank:
+        if lay.has_engine:
             prompt_ids, truncated = encode_prompts(records, self.tokenizer, c.data.template, c.data.max_prompt_len)
             r = c.rollout
             sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                       max_tokens=r.max_tokens, stop_token_ids=self.stop_ids,
-                                      seed=sampling_seed(c.grpo.seed, step, slot, round_))
-            graded = generate_and_grade(self.engine, self.pool, self.tokenizer, prompt_ids, records, sampling)
-            result = (graded, truncated)
-        if self.sliced:
-            parts = all_gather_object(result, ctx.tp)
-            graded, truncated = merge_rollouts([g for g, _ in parts]), sum(t for _, t in parts)
-        else:
-            graded, truncated = broadcast_object(result, ctx.tp)
+                                      seed=sampling_seed(c.grpo.seed, step, lay.slot, round_))
+            graded = generate_and_grade(self.engine, self.pool, self.tokenizer, prompt_ids, records, sampling,
+                                        grade=lay.leader)
+            result = (graded, truncated) if lay.leader else None
+        # The leaders' slices, in slice order (TP rank order), on every rank of the replica.
+        parts = [part for part in all_gather_object(result, ctx.tp) if part is not None]
+        graded, truncated = merge_rollouts([g for g, _ in parts]), sum(t for _, t in parts)
         if c.reward.overlong_buffer:
             shape_rewards(graded, max_tokens=c.rollout.max_tokens, buffer=c.reward.overlong_buffer,
                           factor=c.reward.overlong_penalty)
@@ -282,24 +285,19 @@ class GRPOTrainer:
             return {}
         faults.point("validation")
         start = time.perf_counter()
-        prompt_ids = None
-        if self.engine_rank:
+        prompt_ids, lay = None, self.layout
+        if lay.has_engine:
             prompt_ids, _ = encode_prompts(list(self.val_data), self.tokenizer, c.data.template, c.data.max_prompt_len)
-        ctx = self.ctx
-        # Sliced: every rank's engine takes its share of the prompts, and the whole world reduces.
-        slot, slots, group = (ctx.rank, ctx.world_size, world_group()) if self.sliced else \
-            (ctx.dp_rank, ctx.dp_size, ctx.dp)
+        # Every engine of the world takes its share of the prompts; the whole world reduces.
         responses = [] if self.samples.enabled else None
         out = validate(
             self.engine, self.pool, self.tokenizer, self.val_data, prompt_ids, c.validation,
             max_tokens=c.validation.max_tokens or c.rollout.max_tokens, stop_ids=self.stop_ids,
-            seed=sampling_seed(c.grpo.seed + 1, self.step, 0), dp_rank=slot, dp_size=slots, dp_group=group,
-            on_engine_rank=self.engine_rank, responses=responses)
+            seed=sampling_seed(c.grpo.seed + 1, self.step, 0), slot=lay.slot, slots=lay.engines,
+            group=world_group(), has_engine=lay.has_engine, leader=lay.leader, responses=responses)
         for graded in responses or []:
             self.samples.write(sample_rows(graded, self.tokenizer, step=self.step, kind="val",
                                            limit=c.logging.samples_per_step))
-        # Every rank keeps the same best (checkpoint.save_best decides a collective save on it).
-        out = broadcast_object(out if self.engine_rank else None, ctx.tp)
         if "val/mean" in out:
             self.state.record_validation(out["val/mean"])
         if self.state.best is not None:

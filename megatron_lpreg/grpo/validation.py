@@ -2,7 +2,7 @@
 
 Sources listed in ``validation.samples`` (AIME, AIME25, AMC by default) are sampled k times at
 ``sampled_temperature`` and scored avg@k; every other source is decoded greedily once. Prompts are
-split over data-parallel replicas and generated on each replica's engine rank.
+split over the world's rollout engines (``rollout/layout.py``).
 """
 
 from __future__ import annotations
@@ -23,26 +23,30 @@ def source_sampling(source: str, vcfg, max_tokens: int, stop_ids: tuple[int, ...
 
 
 def validate(engine, pool, tokenizer, records, prompt_ids, vcfg, *, max_tokens: int, stop_ids, seed: int,
-             dp_rank: int, dp_size: int, dp_group, on_engine_rank: bool,
+             slot: int, slots: int, group, has_engine: bool, leader: bool = True,
              responses: list | None = None) -> dict[str, float]:
     """Metrics ``val/<source>/avg@k``, ``val/<source>/response_len`` and ``val/mean`` (the mean over
-    sources). Collective over ``dp_group``; only engine ranks generate. ``responses``: a list that
-    receives this rank's graded rollouts (one ``GradedRollout`` per source), for sample files."""
+    sources). Collective over ``group``: engine ``slot`` of ``slots`` takes every slots-th prompt;
+    ranks with an engine generate, the leaders' results count (``rollout/layout.py``).
+    ``responses``: a list that receives this rank's graded rollouts (one ``GradedRollout`` per
+    source), for sample files."""
     sums = MetricSums()
-    if on_engine_rank:
+    if has_engine:
         by_source: dict[str, list[int]] = collections.defaultdict(list)
-        for i in range(dp_rank, len(records), dp_size):
+        for i in range(slot, len(records), slots):
             by_source[records[i].data_source].append(i)
         for source, idx in sorted(by_source.items()):
-            sampling = source_sampling(source, vcfg, max_tokens, stop_ids, seed + dp_rank)
+            sampling = source_sampling(source, vcfg, max_tokens, stop_ids, seed + slot)
             graded = generate_and_grade(engine, pool, tokenizer, [prompt_ids[i] for i in idx],
-                                        [records[i] for i in idx], sampling)
+                                        [records[i] for i in idx], sampling, grade=leader)
+            if graded is None:
+                continue
             if responses is not None:
                 responses.append(graded)
             name = f"val/{source}/avg@{sampling.n}"
             for reward, length in zip(graded.rewards, graded.response_lens):
                 sums.add({name: reward, f"val/{source}/response_len": length})
-    out = sums.reduce(dp_group)
+    out = sums.reduce(group)
     scores = [v for k, v in out.items() if "/avg@" in k]
     if scores:
         out["val/mean"] = sum(scores) / len(scores)

@@ -57,6 +57,13 @@ class EngineRefit:
             if self.shared is not None:
                 self.path = "shared-memory"
 
+    @property
+    def sleep_level(self) -> int:
+        """How deeply the engine may sleep between rollouts: level 2 drops its weights, which every
+        refit rewrites anyway; the shared-memory refit writes through the engine's live weights,
+        which must stay (level 1)."""
+        return 1 if self.shared is not None else 2
+
     def __call__(self, model, spec, te: bool = False):
         """One refit; returns its RefitStats."""
         stats = RefitStats()

@@ -227,3 +227,22 @@ def test_the_gpu_count_assumed_is_said_in_the_output_and_the_help(capsys):
     plan.add_arguments(parser)
     help_text = " ".join(parser.format_help().split())
     assert "nodes in the job (default 1" in help_text and "GPUs per node (default 8" in help_text
+
+
+def test_engine_tp_is_the_layout_the_trainer_runs(capsys):
+    """rollout.tp=e < tp: t/e engines per replica, each holding e GPUs' worth of weights per GPU and
+    half the sequences; an e that does not divide tp is refused, as the trainer refuses it."""
+    s = spec("qwen3-14b")
+    same = memory_plan.estimate(s, tp=8, dp=8, **PAPER)
+    half = memory_plan.estimate(s, tp=8, dp=8, engine_tp=4, **PAPER)
+    assert (same.engine_tp, same.engines, half.engine_tp, half.engines) == (8, 8, 4, 16)
+    assert half.engine_params_per_gpu == memory_plan.count_parameters(s, 4).per_gpu > same.engine_params_per_gpu
+    assert half.engine_weights_gib == pytest.approx(2 * half.engine_params_per_gpu / memory_plan.GIB)
+    assert half.kv_bytes_per_token == 2 * same.kv_bytes_per_token  # 2 KV heads per GPU instead of 1
+    assert half.rollout_tokens_per_engine * 2 == same.rollout_tokens_per_engine
+    with pytest.raises(ValueError, match="rollout.tp=3 must divide tp=8"):
+        memory_plan.estimate(s, tp=8, dp=8, engine_tp=3, **PAPER)
+    with pytest.raises(ConfigError, match="rollout.tp"):
+        run_plan(capsys, "--model", "qwen3-14b", "--nodes", "8", "parallel.tp=8", "rollout.tp=3")
+    rc, out = run_plan(capsys, "--model", "qwen3-14b", "--nodes", "8", "parallel.tp=8", "rollout.tp=4")
+    assert "engine tp 4, 16 engines" in out and "gathered over TP 8" in out

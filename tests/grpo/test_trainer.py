@@ -154,7 +154,7 @@ def _sliced_rollout(ctx, run_dir, policy, data):
         again, _ = trainer.generate(1)
         gap = max((a - b).abs().max() for a, b in zip(batch.responses(batch.engine_logprobs),
                                                        batch.responses(scores.old_logprobs)))
-        return {"sliced": trainer.sliced, "one_copy": one_copy, "calls": calls,
+        return {"sliced": trainer.layout.name == "sliced", "one_copy": one_copy, "calls": calls,
                 "tokens": [c.token_ids for c in rollout.completions],
                 "again": [c.token_ids for c in again.completions], "gap": float(gap)}
 

@@ -1,9 +1,10 @@
-"""The trainer logs each phase's peak memory, and a refit's rise stays under model size + one bucket.
+"""The trainer logs each phase's peak memory, and a refit's rise stays under model size + a few buckets.
 
 TP=2 on 2 gloo ranks, one step of a 4-layer policy (~16 MB of float32 weights) with 1 MB refit
-buckets, through the bucketed stream and through shared memory. The receiving rank merges both halves of each bucket; a refit that gathered the whole model
-before sending (one full copy in HF layout, plus the other rank's half on its way) would rise by
-more than the model's size, which is what the bound is there to catch.
+buckets, through the bucketed stream and through shared memory. Streamed, the engine sleeps at level
+2 between rollout and refit (weights freed), so the refit re-allocates them: its rise is the model
+plus what the stream holds at once; a refit that gathered the whole model before writing would rise
+by a second model's worth, which is what the bound is there to catch.
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def test_phase_peaks_logged_and_refit_bounded_by_model_plus_bucket(tmp_path, mon
     if shared:  # each rank writes its shards into the engine's weights: nothing to allocate
         assert rise < 1 * MB, rise / MB
     else:
-        # Not vacuous: merging one full bucket on the receiver shows in the resident set.
-        assert rise >= 0.5 * MB, rise / MB
-        assert rise < model_bytes + 1 * MB, (rise / MB, model_bytes / MB)
+        # The engine slept at level 2 through training (its weights freed), so the refit allocates
+        # them again: the rise is the model, plus what the stream holds at once (a bucket merged on
+        # the receiver, its receive buffer). A refit that gathered the whole model before writing
+        # would add a second model's worth.
+        assert rise >= model_bytes, (rise / MB, model_bytes / MB)
+        assert rise < 1.5 * model_bytes, (rise / MB, model_bytes / MB)
     print({k: round(v, 1) for k, v in row.items() if k.startswith("memory/")}, model_bytes / MB)

@@ -384,3 +384,27 @@ def test_verify_refit_command_line_vllm_tp2(model_dirs):
     print("\n" + lines[0])
     fields = dict(re.findall(r"(\w+)=(\S+)", lines[0]))
     assert (fields["layout"], fields["engine_tp"], fields["refit"]) == ("spmd", "2", "shard-to-shard")
+
+
+# -- the fault matrix's vLLM row: killed at the refit, resumed, bitwise the uninterrupted run --------
+
+@pytest.mark.timeout(1200)
+def test_vllm_run_killed_in_the_refit_resumes_bitwise(tmp_path):
+    """``benchmarks/fault_matrix.py --engine vllm --only refit:3:killall``: a TP=2 run whose engine
+    is vLLM in the SPMD layout, every rank killed in step 3's refit, resumed from step 2's checkpoint:
+    metrics (timings aside) and the final weights and optimiser state equal the uninterrupted run's,
+    and the engine's log-probs match the trainer's throughout."""
+    _vllm()
+    from benchmarks import fault_matrix as fm
+    from megatron_lpreg.metrics_file import read_metrics
+
+    config = fm.write_config(tmp_path, engine="vllm")
+    reference = tmp_path / "reference"
+    proc = fm.start(config, reference)
+    assert fm.wait(proc) == 0 and fm.leftovers(proc) == []
+    rows = [r for r in read_metrics(reference / "metrics.jsonl") if r["step"] > 0]
+    assert [r["step"] for r in rows] == list(range(1, fm.STEPS + 1))
+    assert max(r["mismatch/logprob_abs_diff"] for r in rows) < 1e-4
+    row = fm.kill_and_resume(config, tmp_path / "killed", reference, "refit, all ranks (vllm)", "refit:3:killall")
+    fm.print_table([row])
+    assert row.ok and row.resumed_from == 2, row
