@@ -155,6 +155,7 @@ def check(cfg, *, max_tokens: int = 32, seed: int = 0, after_refit=None) -> dict
     from megatron_lpreg.policy.setup import load_policy, uses_te
     from megatron_lpreg.rollout.build import build_rollout_engine, rollout_engine_kind
     from megatron_lpreg.rollout.engine import SamplingParams
+    from megatron_lpreg.rollout.layout import rollout_layout
     from megatron_lpreg.weights.refit import EngineRefit
 
     ctx = init_distributed(cfg.parallel.tp, cfg.parallel.backend, cfg.parallel.timeout_s, seed=seed)
@@ -198,7 +199,9 @@ def check(cfg, *, max_tokens: int = 32, seed: int = 0, after_refit=None) -> dict
     if spmd:
         metrics = max(every, key=lambda m: m["mismatch/seq_max_abs_diff"])
     metrics.update(engine=kind, tp=ctx.tp_size, dtype=cfg.model.dtype, sequences=len(sequences), tokens=tokens,
-                   layout="spmd" if spmd else "sliced" if refit.path == "shared-memory" else "rank0",
+                   layout=rollout_layout(kind, tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank,
+                                         dp_size=ctx.dp_size, engine_tp=cfg.rollout.tp,
+                                         shared_weights=refit.shared is not None).name,  # the trainer's
                    refit=refit.path, engine_ranks=len(every) if spmd else 1)
     if spmd:
         metrics["engine_tp"] = engine.tp_size
