@@ -163,6 +163,13 @@ class VLLMEngine:
         self._sleep_mode = current_platform.is_sleep_mode_available()
         if cpu and kv_cache_memory_bytes is None:
             kv_cache_memory_bytes = 1 << 30
+        if cpu:
+            # A prompt split over two prefill steps (chunked prefill) makes vLLM rewind that request's
+            # seeded generator with set_offset, which CPU generators lack ("CPU Generator does not
+            # use offset", gpu_model_runner._bookkeeping_sync): every prompt is prefilled whole.
+            longest = max_model_len or parse_hf_config(model_dir).max_position_embeddings
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
+            llm_kwargs.setdefault("max_num_batched_tokens", max(longest, 4096))
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
         set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()

