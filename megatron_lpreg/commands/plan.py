@@ -106,6 +106,9 @@ def run(args) -> int:
         _positive("--" + flag.replace("_", "-"), getattr(args, flag))
     if args.gpu_memory_gib <= 0:
         raise ConfigError(f"--gpu-memory-gib must be positive, got {args.gpu_memory_gib}")
+    if cfg.rollout.engine == "hf":
+        raise ConfigError("rollout.engine=hf: plan budgets the colocated vLLM engine a GPU run uses (vllm, or auto "
+                          "with CUDA); the transformers engine keeps a whole model per generating rank and never sleeps")
     tp = args.tp or cfg.parallel.tp
     world = args.nodes * args.gpus_per_node
     if world % tp:
@@ -190,13 +193,13 @@ def format_plan(plan: Plan, name: str, spec: ModelSpec, nodes: int, gpus_per_nod
     if plan.recompute == "full":
         row("  one layer recomputed", plan.recompute_working_gib)
     row("  logits shard, gradient, copy", plan.logits_gib)
-    row(f"vLLM engine shard (engine tp {plan.engine_tp}, {plan.engines} engines; gpu_memory_utilization "
+    row(f"vLLM engine (tp {plan.engine_tp}, {plan.engines} in all, gpu_memory_utilization "
         f"{plan.gpu_memory_utilization:.2f})", plan.engine_reserved_gib, "reserved while awake")
     row("  weights", plan.engine_weights_gib)
     row("  runtime (profile peak, sampler, graphs)", plan.engine_runtime_gib)
     row("  KV cache", plan.kv_cache_gib,
         f"{plan.kv_cache_tokens:,} tokens at {plan.kv_bytes_per_token / 1024:g} KiB/token")
-    row("  asleep (level 2) from rollout end to refit", plan.engine_asleep_gib)
+    row("  asleep (level 2) until the refit", plan.engine_asleep_gib)
     row("CUDA context, NCCL, allocator slack", plan.overhead_gib)
 
     def status(gib: float) -> str:

@@ -245,4 +245,9 @@ def test_engine_tp_is_the_layout_the_trainer_runs(capsys):
     with pytest.raises(ConfigError, match="rollout.tp"):
         run_plan(capsys, "--model", "qwen3-14b", "--nodes", "8", "parallel.tp=8", "rollout.tp=3")
     rc, out = run_plan(capsys, "--model", "qwen3-14b", "--nodes", "8", "parallel.tp=8", "rollout.tp=4")
-    assert "engine tp 4, 16 engines" in out and "gathered over TP 8" in out
+    assert "vLLM engine (tp 4, 16 in all" in out and "gathered over TP 8" in out
+
+
+def test_plan_refuses_the_engine_it_does_not_model(capsys):
+    with pytest.raises(ConfigError, match="rollout.engine=hf"):
+        run_plan(capsys, "--model", "qwen3-14b", "--nodes", "8", "rollout.engine=hf")
