@@ -211,7 +211,7 @@ class ShardRefit:
                 receives.append((out, s))
         staged = []
         if receives and dest.dtype != shard.dtype:  # receive in the sender's dtype, then cast
-            staged = [(out, torch.empty(out.shape, dtype=shard.dtype)) for out, _ in receives]
+            staged = [(out, torch.empty(out.shape, dtype=shard.dtype, device=out.device)) for out, _ in receives]
             extra = sum(_nbytes(b) for _, b in staged)
             receives = [(b, s) for (_, b), (_, s) in zip(staged, receives)]
         if sends or receives:
