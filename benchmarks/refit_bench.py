@@ -446,32 +446,30 @@ def main(argv=None) -> None:
 
         with tempfile.TemporaryDirectory(prefix="refit-bench-") as model_dir:
             (Path(model_dir) / "config.json").write_text(json.dumps(hf_config(args)))
-            saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-            try:
-                results = run_distributed(_vllm_body, 2, 2, args=(args, model_dir), timeout_s=args.timeout,
-                                          collective_timeout_s=args.timeout)
-            finally:
-                if saved is None:
-                    del os.environ["MALLOC_MMAP_THRESHOLD_"]
-                else:
-                    os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+            results = _with_mmap_threshold(lambda: run_distributed(
+                _vllm_body, 2, 2, args=(args, model_dir), timeout_s=args.timeout, collective_timeout_s=args.timeout))
         report_vllm(results, args, time.perf_counter() - start)
         return
     res = run_distributed(_timing_body, 2, 2, args=(args,), timeout_s=args.timeout,
                           collective_timeout_s=args.timeout)[0]
     # A second pair of ranks for the memory figures: glibc reads this when a process starts.
+    res["memory"] = _with_mmap_threshold(lambda: run_distributed(
+        _memory_body, 2, 2, args=(args,), timeout_s=args.timeout, collective_timeout_s=args.timeout)[0])
+    report(res, args, time.perf_counter() - start)
+
+
+def _with_mmap_threshold(start_ranks):
+    """``start_ranks()`` with MALLOC_MMAP_THRESHOLD_ set for the ranks it starts (glibc reads it when
+    a process starts), so a freed tensor leaves their resident set at once."""
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     try:
-        res["memory"] = run_distributed(_memory_body, 2, 2, args=(args,), timeout_s=args.timeout,
-                                        collective_timeout_s=args.timeout)[0]
+        return start_ranks()
     finally:
         if saved is None:
             del os.environ["MALLOC_MMAP_THRESHOLD_"]
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
-    report(res, args, time.perf_counter() - start)
 
 
 if __name__ == "__main__":
