@@ -240,9 +240,9 @@ def test_spmd_refit_tp2_two_jobs_at_once(model_dirs):
 
 
 def test_spmd_refit_dp2_tp2(model_dirs):
-    """World 4 as DP=2 x TP=2: two independent TP=2 engines, each refit from its replica."""
-    results = run_distributed(_spmd_body, 4, TRAINER_TP, args=([("qwen2", model_dirs["qwen2"], 2)],), timeout_s=500,
-                              collective_timeout_s=300)
+    """World 4 as DP=2 x TP=2: two independent TP=2 engines per family, each refit from its replica."""
+    cases = [(f, model_dirs[f], 2) for f in ("qwen2", "llama", "qwen3")]
+    results = run_distributed(_spmd_body, 4, TRAINER_TP, args=(cases,), timeout_s=900, collective_timeout_s=600)
     _check_spmd(results, 4, "DP=2 x TP=2:")
 
 
