@@ -60,3 +60,16 @@ def test_config_validates_both_problem_kinds():
     assert set(cfg.validation.samples) == {"explore_carry", "explore_plain"}
     assert cfg.grpo.prompts_per_step == cfg.grpo.mini_batch_prompts  # on-policy
     assert re.search(r"explore_cpu_data", cfg.model.path)
+
+
+def test_route_shares_from_samples(tmp_path, capsys):
+    from examples.explore_cpu import routes
+
+    run = tmp_path / "cmp" / "grpo" / "seed0"
+    run.mkdir(parents=True)
+    rows = [{"step": s, "kind": "train", "response": "Carry: 1 + 2 = 3" if i < s else "Quick: 1 + 2 = 3"}
+            for s in (1, 2) for i in range(4)] + [{"step": 2, "kind": "val", "response": "Carry:"}]
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert routes.route_shares(run / "samples.jsonl") == {1: 0.25, 2: 0.5}
+    assert routes.main([str(tmp_path / "cmp")]) == 0
+    assert "| grpo | 1 | 0.250" in capsys.readouterr().out

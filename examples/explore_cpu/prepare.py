@@ -160,9 +160,25 @@ def route_stats(model_dir: Path, records, n: int = 8) -> dict:
                 entropy_per_token=entropy_sum / max(tokens, 1), **stats)
 
 
+def soften_model(model_dir: Path, temperature: float) -> None:
+    """Divide the final norm's weight by ``temperature`` and save: the model's logits become the warm
+    model's divided by it, so sampling it at T=1 is sampling the warm model at T=``temperature``.
+
+    The supervised warm-up is cross entropy on one target per position, so it ends sharper than a
+    pretrained model's (entropy ~0.17 nats per token here); softening restores the spread that the
+    paper's base models start RL with, on every token: the route, the wording and the digits.
+    The embeddings are tied, so the output layer is reached only through this scale."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).float()
+    with torch.no_grad():
+        model.model.norm.weight.div_(temperature)
+    model.save_pretrained(model_dir)
+
+
 def prepare(out: Path, seed: int = 0, train_size: int = 2048, val_size: int = 128, warmup_steps: int = 1500,
             carry_share: float = 0.15, batch_size: int = 32, lr: float = 3e-3, target_accuracy: float = 0.5,
-            log=print) -> Path:
+            soften: float = 1.5, log=print) -> Path:
     """Build OUT (see the module docstring). The warm-up stops once the sampled accuracy on RL
     prompts reaches ``target_accuracy`` (both routes' arithmetic learnt; the quick route caps it
     near 0.55 + 0.45 * carry_share) or after ``warmup_steps`` steps of ``batch_size``."""
@@ -206,10 +222,12 @@ def prepare(out: Path, seed: int = 0, train_size: int = 2048, val_size: int = 12
                                                target_accuracy, check_every=50, log=log)
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
+        if soften != 1.0:
+            soften_model(tmp / "model", soften)
         stats = route_stats(tmp / "model", val[:48])
         log("start point on 48 val prompts x 8 samples at T=1: " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
         info = dict(format_version=FORMAT_VERSION, seed=seed, train_size=train_size, val_size=val_size,
-                    carry_share=carry_share, warmup_steps=steps, max_warmup_steps=warmup_steps,
+                    carry_share=carry_share, soften=soften, warmup_steps=steps, max_warmup_steps=warmup_steps,
                     warmup_accuracy=accuracy, target_accuracy=target_accuracy, batch_size=batch_size, lr=lr,
                     parameters=n_params, vocab_size=len(tokenizer), warmup_seconds=round(warm_s, 1),
                     total_seconds=round(time.perf_counter() - started, 1), **stats,
@@ -233,13 +251,15 @@ def main(argv=None) -> int:
     p.add_argument("--carry-share", type=float, default=0.15, help="share q of carry-route warm-up targets")
     p.add_argument("--warmup-steps", type=int, default=1500, help="at most this many steps of 32 examples")
     p.add_argument("--target-accuracy", type=float, default=0.5)
+    p.add_argument("--soften", type=float, default=1.5,
+                   help="divide the warm model's logits by this (sampling at T=1 = the warm model at T=SOFTEN)")
     p.add_argument("--data-only", action="store_true", help="write only train.jsonl and val.jsonl")
     args = p.parse_args(argv)
     if args.data_only:
         write_data(args.out, seed=args.seed)
         return 0
     prepare(args.out, seed=args.seed, carry_share=args.carry_share, warmup_steps=args.warmup_steps,
-            target_accuracy=args.target_accuracy)
+            target_accuracy=args.target_accuracy, soften=args.soften)
     return 0
 
 
