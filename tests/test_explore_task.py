@@ -73,3 +73,18 @@ def test_route_shares_from_samples(tmp_path, capsys):
     assert routes.route_shares(run / "samples.jsonl") == {1: 0.25, 2: 0.5}
     assert routes.main([str(tmp_path / "cmp")]) == 0
     assert "| grpo | 1 | 0.250" in capsys.readouterr().out
+
+
+def test_soften_divides_the_logits(assets, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    policy = tmp_path / "policy"
+    shutil.copytree(assets[0], policy)
+    ids = torch.tensor([[1, 5, 7, 9, 3]])
+    before = AutoModelForCausalLM.from_pretrained(policy)(ids).logits
+    ex.soften_model(policy, 1.5)
+    after = AutoModelForCausalLM.from_pretrained(policy)(ids).logits
+    torch.testing.assert_close(after, before / 1.5, rtol=1e-4, atol=1e-5)

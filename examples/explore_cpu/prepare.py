@@ -167,7 +167,7 @@ def soften_model(model_dir: Path, temperature: float) -> None:
     The supervised warm-up is cross entropy on one target per position, so it ends sharper than a
     pretrained model's (entropy ~0.17 nats per token here); softening restores the spread that the
     paper's base models start RL with, on every token: the route, the wording and the digits.
-    The embeddings are tied, so the output layer is reached only through this scale."""
+    The output layer has no bias and the final norm feeds only it, so this divides the logits."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).float()
