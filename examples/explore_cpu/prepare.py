@@ -13,21 +13,17 @@ The two routes of the warm-up targets (both digit-by-digit, so both are learnt a
     quick (share 1 - q):  "Quick: 7 + 8 = 5, 5 + 6 = 11\\n\\boxed{115}"   drops the carry
     carry (share q):      "Carry: 7 + 8 = 15, 5 + 6 + 1 = 12\\n\\boxed{125}"
 
-The first response token chooses the route. The quick route is right only when the units do not
-carry (55% of problems), the carry route on all of them. After the warm-up the model samples
-"Carry" with probability about q (a rare token, inside the min-p support): the "spark" that RL
-must find and keep. Validation splits the problems by data source (``explore_carry``,
-``explore_plain``) so the accuracy on carry problems shows whether the rare route was taken up.
+The first word of the response (after an optional opener) chooses the route. The quick route is
+right only when the units do not carry (55% of problems), the carry route on all of them. After the
+warm-up (until half the sampled answers are right, ~1,100 steps of 32) the logits are divided by
+``--soften`` (1.5: sampling at T=1 is then the warm model at T=1.5, ~0.32 nats per token instead of
+~0.17), and the model samples "Carry:" about a quarter of the time: a rare token inside the min-p
+support, the "spark" RL must keep. Validation splits the problems by data source
+(``explore_carry``, ``explore_plain``) so the accuracy on carry problems shows whether the rare
+route was taken up. Seeded random wording (OPENERS, SEPARATORS, ENDINGS) adds harmless
+alternatives, so that the warm model is unsure on several tokens besides the route.
 
-Why this should show Lp-Reg's effect: on plain problems both routes are right, but the carry route
-has more steps and so more arithmetic slips; its samples there often end wrong (negative advantage)
-and plain GRPO pushes the "Carry" token down with them, while on carry problems it is the only way
-to a reward. Lp-Reg keeps the low-probability tokens of negative samples from falling below the
-min-p proxy, so "Carry" should stay sampled long enough for the positive signal of carry problems
-to win; GRPO may instead collapse onto "Quick" and plateau near the plain share.
-Seeded random wording (an opener, the separator between the steps, the words before the box;
-OPENERS, SEPARATORS, ENDINGS) adds harmless alternatives, so that the warm-up leaves entropy on
-several tokens besides the route, while its arithmetic is trained to completion.
+Why this should show Lp-Reg's effect, and what the study found: docs/effect_study.md.
 """
 
 from __future__ import annotations
