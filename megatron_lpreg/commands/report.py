@@ -69,9 +69,19 @@ def _cell(text: str) -> str:
 _TRAIN_FORMATS = {"response/length_mean": "{:.1f}", "lpreg/delta_rho": "{:.3g}"}
 
 
+def _row_names(runs: list[Run]) -> dict[int, str]:
+    """id(run) -> the name of its row in the per-run tables: the label, and where several runs share
+    it (a method's seeds) the run directory's name too, so that their rows can be told apart."""
+    count: dict[str, int] = {}
+    for r in runs:
+        count[r.label] = count.get(r.label, 0) + 1
+    return {id(r): _cell(r.label if count[r.label] == 1 else f"{r.label} ({r.path.name})") for r in runs}
+
+
 def write_comparison(runs: list[Run], path: str | Path) -> Path:
     """``comparison.md``: validation accuracy and entropy, first vs last vs best, one row per run."""
     path = Path(path)
+    name = _row_names(runs)
     lines = ["# Run comparison", ""]
     lines += [f"- **{_cell(r.label)}**: `{r.path}`" + (f" (loss: {r.method})" if r.method else "")
               for r in runs]
@@ -84,7 +94,7 @@ def write_comparison(runs: list[Run], path: str | Path) -> Path:
         v = _first_last_best(r, VAL_MEAN)
         e = _first_last_best(r, "entropy/mean")
         rows.append([
-            _cell(r.label), r.method or "n/a",
+            name[id(r)], r.method or "n/a",
             _fmt(v["first"]), _fmt(v["last"]), _fmt(v["best"]),
             "n/a" if v["best_step"] is None else str(v["best_step"]),
             _delta(v["first"], v["last"]),
@@ -103,7 +113,7 @@ def write_comparison(runs: list[Run], path: str | Path) -> Path:
                 v = _first_last_best(r, key)
                 if v["first"] is None:
                     continue
-                rows.append([_cell(source_title(key)), _cell(r.label), _fmt(v["first"]), _fmt(v["last"]),
+                rows.append([_cell(source_title(key)), name[id(r)], _fmt(v["first"]), _fmt(v["last"]),
                              _fmt(v["best"]), str(v["best_step"])])
         lines += _table(["source", "run", "first", "last", "best", "best step"], rows)
 
@@ -115,7 +125,7 @@ def write_comparison(runs: list[Run], path: str | Path) -> Path:
         lines += ["", "## Training metrics (first / last)", ""]
         rows = []
         for r in runs:
-            row = [_cell(r.label)]
+            row = [name[id(r)]]
             for k in train_keys:
                 v = _first_last_best(r, k)
                 fmt = _TRAIN_FORMATS.get(k, "{:.4f}")

@@ -207,6 +207,12 @@ def test_seeds_of_a_method_are_drawn_and_tabled_as_mean_and_spread(tmp_path):
                                               "0.100 ± 0.071", "0.100 ± 0.071"]
     with pytest.raises(AssertionError):  # a label with one run gets no per-method row
         table_row(per_method, "Lp-Reg")
+    # The per-run rows of a label with several runs name their directories; a lone label stays bare.
+    text = (tmp_path / "plots" / "comparison.md").read_text()
+    first = text.split("## Validation accuracy (val/mean)")[1].split("\n## ")[0]
+    assert table_row(first, "GRPO (grpo_1)")[2:5] == ["0.2000", "0.3000", "0.4000"]
+    assert table_row(first, "GRPO (grpo_2)")[2:5] == ["0.2000", "0.5000", "0.6000"]
+    assert table_row(first, "Lp-Reg")[4] == "0.6000"
     loaded = [load_run(r, "GRPO") for r in runs[:2]]
     steps, mean, low, high = plot.mean_and_spread(loaded, "val/mean")
     assert steps == [0, 2, 4, 6] and mean == pytest.approx([0.2, 0.4, 0.5, 0.4])
