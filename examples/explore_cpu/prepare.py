@@ -44,9 +44,8 @@ from megatron_lpreg.data import load_prompt_dataset, render_prompt
 from megatron_lpreg.data.generate import BOXED_INSTRUCTION
 from megatron_lpreg.data.schema import DataFields, parse_row
 
-MARKER = "prepare.json"
-FORMAT_VERSION = 1
-DATA_FILES = ("train.jsonl", "val.jsonl")
+FORMAT_VERSION = tiny.FORMAT_VERSION
+DATA_FILES, MARKER, is_complete = tiny.DATA_FILES, tiny.MARKER, tiny.is_complete  # one layout for both
 # Harmless wording choices, each drawn uniformly per warm-up target: they leave the warm model
 # unsure on several tokens that do not decide the answer, as a larger model's phrasing does.
 OPENERS = ("", "OK. ", "So ", "Now ", "Well, ", "Let me see. ")
@@ -109,14 +108,6 @@ def write_data(out: Path, seed: int = 0, train_size: int = 2048, val_size: int =
     out.mkdir(parents=True, exist_ok=True)
     _write_rows(out / DATA_FILES[0], problems(train_size, seed + 1, data_source="explore"))
     _write_rows(out / DATA_FILES[1], problems(val_size, seed + 2))
-
-
-def is_complete(out: Path) -> bool:
-    try:
-        info = json.loads((out / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return info.get("format_version") == FORMAT_VERSION and all((out / p).is_file() for p in info["files"])
 
 
 def route_stats(model_dir: Path, records, n: int = 8) -> dict:
@@ -202,14 +193,7 @@ def prepare(out: Path, seed: int = 0, train_size: int = 2048, val_size: int = 12
             a, b = map(int, row["extra_info"]["expression"].split(" + "))
             texts.append((tiny.chatml(r.messages()),
                           response_text(a, b, rng.random() < carry_share, draw_wording(rng)) + tiny.EOS))
-        tokenizer = tiny.train_tokenizer([p + c for p, c in texts[:8000]])
-        if render_prompt(records[0], "chat", tokenizer) != texts[0][0]:
-            raise AssertionError("the tokenizer's chat template and chatml() disagree")
-        examples = []
-        for prompt, completion in texts:
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-            examples.append((p + c, [-100] * len(p) + c))
+        tokenizer, examples = tiny.tokenized(texts, records[0])
         model = tiny.build_model(tokenizer)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"tokenizer: {len(tokenizer)} tokens; model: {n_params / 1e6:.2f}M parameters; {len(examples)} examples")
@@ -226,14 +210,8 @@ def prepare(out: Path, seed: int = 0, train_size: int = 2048, val_size: int = 12
                     carry_share=carry_share, soften=soften, warmup_steps=steps, max_warmup_steps=warmup_steps,
                     warmup_accuracy=accuracy, target_accuracy=target_accuracy, batch_size=batch_size, lr=lr,
                     parameters=n_params, vocab_size=len(tokenizer), warmup_seconds=round(warm_s, 1),
-                    total_seconds=round(time.perf_counter() - started, 1), **stats,
-                    files=sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
-        (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            for name in DATA_FILES:
-                (out / name).unlink(missing_ok=True)
-            out.rmdir()
-        os.replace(tmp, out)
+                    total_seconds=round(time.perf_counter() - started, 1), **stats)
+        tiny.publish(tmp, out, info)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {out} in {info['total_seconds']:.0f}s")

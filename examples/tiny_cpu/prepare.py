@@ -247,6 +247,37 @@ def is_complete(out: Path) -> bool:
     return info.get("format_version") == FORMAT_VERSION and all((out / p).is_file() for p in info["files"])
 
 
+def tokenized(texts: list[tuple[str, str]], first_record):
+    """A tokenizer trained on the first 8,000 (prompt, completion) texts (checked against the chat
+    template on ``first_record``, the first text's record), and every text as (ids, labels), the
+    prompt's labels masked."""
+    tokenizer = train_tokenizer([p + c for p, c in texts[:8000]])
+    if render_prompt(first_record, "chat", tokenizer) != texts[0][0]:
+        raise AssertionError("the tokenizer's chat template and chatml() disagree")
+    examples = []
+    for prompt, completion in texts:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        examples.append((p + c, [-100] * len(p) + c))
+    return tokenizer, examples
+
+
+def publish(tmp: Path, out: Path, info: dict) -> None:
+    """Mark the directory built in ``tmp`` complete (``info`` plus its file list, in MARKER) and
+    move it to ``out`` in one rename, replacing an incomplete ``out`` (its data files only)."""
+    info["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        for name in DATA_FILES:
+            (out / name).unlink(missing_ok=True)
+        out.rmdir()  # empty now, checked by the caller
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not is_complete(out):  # lost a race to a concurrent prepare: theirs is as good
+            raise
+
+
 def write_data(out: Path, seed: int = 0, train_size: int = 2048, val_size: int = 128) -> None:
     """OUT/train.jsonl and OUT/val.jsonl (each written whole or not at all)."""
     write_arithmetic_dataset(out / DATA_FILES[0], train_size, seed + 1, data_source="arith", difficulty=1)
@@ -290,14 +321,7 @@ def prepare(out: Path, seed: int = 0, train_size: int = 2048, val_size: int = 12
                                                       rng.random() < boxed_fraction) + EOS)
                  for r, row in zip(records, rows)]
 
-        tokenizer = train_tokenizer([p + c for p, c in texts[:8000]])
-        if render_prompt(records[0], "chat", tokenizer) != texts[0][0]:
-            raise AssertionError("the tokenizer's chat template and chatml() disagree")
-        examples = []
-        for prompt, completion in texts:
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-            examples.append((p + c, [-100] * len(p) + c))
+        tokenizer, examples = tokenized(texts, records[0])
         model = build_model(tokenizer)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"tokenizer: {len(tokenizer)} tokens; model: Qwen2, {n_params / 1e6:.2f}M parameters; "
@@ -320,18 +344,8 @@ def prepare(out: Path, seed: int = 0, train_size: int = 2048, val_size: int = 12
                     warmup_steps=steps, max_warmup_steps=warmup_steps, warmup_accuracy=accuracy,
                     target_accuracy=target_accuracy, batch_size=batch_size, lr=lr, boxed_fraction=boxed_fraction,
                     parameters=n_params, vocab_size=len(tokenizer), warmup_seconds=round(warm_s, 1),
-                    total_seconds=round(time.perf_counter() - started, 1), **stats,
-                    files=sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
-        (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            for name in DATA_FILES:
-                (out / name).unlink(missing_ok=True)
-            out.rmdir()  # empty now, checked above
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not is_complete(out):  # lost a race to a concurrent prepare: theirs is as good
-                raise
+                    total_seconds=round(time.perf_counter() - started, 1), **stats)
+        publish(tmp, out, info)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {out} in {info['total_seconds']:.0f}s")
