@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from megatron_lpreg.parallel import barrier, world_group
 from megatron_lpreg.rollout.engine import Completion, SamplingParams
 from megatron_lpreg.rollout.vllm_platform import pack_for_cpu_gemm
 
@@ -99,6 +100,15 @@ def _job_init_method():
 
     if port:
         ExecutorWithExternalLauncher._distributed_args = distributed_args
+        # A job killed with SIGKILL never unlinks its segments (see _shared_memory_segments); one
+        # left under this port would fail this job as "File exists". The port is this job's (its
+        # store holds it), so any such file is stale: every rank removes them, then all build.
+        import glob
+
+        for stale in glob.glob(f"/dev/shm/{glob.escape(port)}-*"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+        barrier(world_group())
     try:
         yield
     finally:

@@ -155,6 +155,10 @@ def _spmd_body(ctx, cases):
     from megatron_lpreg.weights.refit import EngineRefit
 
     results = {}
+    # What a job killed with SIGKILL under this port would have left: vLLM would fail on it.
+    stale = f"/dev/shm/{os.environ['MASTER_PORT']}-tp:0-[0-{cases[0][2] - 1}]-cpushm_{ctx.rank % cases[0][2]}"
+    with open(stale, "wb") as f:
+        f.write(b"stale")
     for family, directory, engine_tp in cases:
         spec, model = _load_shards(ctx, directory)
         torch.manual_seed(1000 + ctx.rank)
