@@ -81,6 +81,9 @@ def _own_rng(states: _RNGStates):
         states.swap()
 
 
+_CLEANED_PORTS: set[str] = set()  # jobs (MASTER_PORT) whose stale segments this process removed
+
+
 @contextlib.contextmanager
 def _job_init_method():
     """vLLM's external launcher hard-codes the init method ``"env://"``
@@ -100,15 +103,19 @@ def _job_init_method():
 
     if port:
         ExecutorWithExternalLauncher._distributed_args = distributed_args
-        # A job killed with SIGKILL never unlinks its segments (see _shared_memory_segments); one
-        # left under this port would fail this job as "File exists". The port is this job's (its
-        # store holds it), so any such file is stale: every rank removes them, then all build.
-        import glob
+        if port not in _CLEANED_PORTS:
+            # A job killed with SIGKILL never unlinks its segments (see _shared_memory_segments);
+            # one left under this port would fail this job as "File exists". The port is this
+            # job's (its store holds it), so before the job's first engine any such file is stale:
+            # every rank removes them, then all build. Once only: later, another engine group of
+            # this job may hold live segments under the same port.
+            import glob
 
-        for stale in glob.glob(f"/dev/shm/{glob.escape(port)}-*"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(stale)
-        barrier(world_group())
+            for stale in glob.glob(f"/dev/shm/{glob.escape(port)}-*"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stale)
+            barrier(world_group())
+            _CLEANED_PORTS.add(port)
     try:
         yield
     finally:
