@@ -12,6 +12,7 @@ vLLM's CPU attention rejects head_dim 16, so the tiny models get head_dim 64.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -416,6 +417,19 @@ def test_vllm_run_killed_in_the_refit_resumes_bitwise(tmp_path):
     metrics (timings aside) and the final weights and optimiser state equal the uninterrupted run's,
     and the engine's log-probs match the trainer's throughout."""
     _vllm()
+    before = set(os.listdir("/dev/shm"))
+    try:
+        _kill_and_resume(tmp_path)
+    finally:
+        # The killed job's vLLM segments (its TP all-reduce files, Python's psm_ ring buffer):
+        # SIGKILL leaves them, and the host's memory is not this test's to keep.
+        for name in set(os.listdir("/dev/shm")) - before:
+            if "-cpushm_" in name or name.startswith("psm_"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"/dev/shm/{name}")
+
+
+def _kill_and_resume(tmp_path):
     from benchmarks import fault_matrix as fm
     from megatron_lpreg.metrics_file import read_metrics
 
